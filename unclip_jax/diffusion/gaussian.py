@@ -24,15 +24,17 @@ from flax import struct
 from unclip_jax.diffusion import schedules
 
 
-class ModelMeanType(str, enum.Enum):
+class ModelMeanType(enum.StrEnum):
     """What the network predicts."""
 
     EPSILON = "epsilon"  # the noise (GLIDE, unCLIP decoder and upsamplers)
     START_X = "start_x"  # the clean sample x_0 (unCLIP's diffusion prior)
-    VELOCITY = "velocity"  # v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho; beyond the papers)
+    VELOCITY = (
+        "velocity"  # v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho; beyond the papers)
+    )
 
 
-class ModelVarType(str, enum.Enum):
+class ModelVarType(enum.StrEnum):
     """How the reverse-process variance is chosen."""
 
     FIXED_SMALL = "fixed_small"  # the posterior variance beta~_t
@@ -41,7 +43,7 @@ class ModelVarType(str, enum.Enum):
     LEARNED_RANGE = "learned_range"  # interpolates log beta~_t .. log beta_t (Improved DDPM)
 
 
-class LossType(str, enum.Enum):
+class LossType(enum.StrEnum):
     MSE = "mse"  # MSE on the target (+ the VB term when the variance is learned)
     RESCALED_MSE = "rescaled_mse"  # as MSE, the VB term scaled by T / 1000
     KL = "kl"  # the variational bound only
@@ -56,7 +58,7 @@ class LossType(str, enum.Enum):
 class DiffusionTable:
     """The schedule of one (possibly respaced) diffusion chain: float32 arrays of length T'.
 
-    A pytree: pass it to jitted functions as an argument. The enums are static (part of the treedef).
+    A pytree: pass it to jitted functions as an argument. The enums are static (in the treedef).
     """
 
     betas: jax.Array
@@ -208,9 +210,9 @@ def predict_xstart_from_eps(table: DiffusionTable, x_t, t, eps):
 
 
 def predict_eps_from_xstart(table: DiffusionTable, x_t, t, x_start):
-    return (
-        extract(table.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x_start
-    ) / extract(table.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+    return (extract(table.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x_start) / extract(
+        table.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+    )
 
 
 def predict_xstart_from_v(table: DiffusionTable, x_t, t, v):
@@ -321,12 +323,12 @@ def p_mean_variance(
 
 
 def condition_mean(out: dict, grad):
-    """Sohl-Dickstein/Dhariwal guidance for ancestral steps: mean + variance * grad log p(y | x_t)."""
+    """Guidance for ancestral steps (Dhariwal & Nichol): mean + variance * grad log p(y | x_t)."""
     return out["mean"] + out["variance"] * grad.astype(jnp.float32)
 
 
 def condition_score(table: DiffusionTable, out: dict, x_t, t, grad):
-    """Score-based guidance for DDIM: eps' = eps - sqrt(1 - abar_t) grad, then x_0 and the mean anew.
+    """Score guidance for DDIM: eps' = eps - sqrt(1 - abar_t) grad, then x_0 and the mean anew.
 
     As in guided-diffusion, the new x_0 is not clamped or hooked again.
     """

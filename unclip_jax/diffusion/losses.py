@@ -43,10 +43,13 @@ def approx_standard_normal_cdf(x):
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log p(x) of data in [-1, 1] quantised to 256 bins under N(means, exp(log_scales)^2).
 
-    The edge bins take the whole tail (x < -0.999: CDF(+); x > 0.999: 1 - CDF(-)). Elementwise, nats.
+    The edge bins take the whole tail (x < -0.999: CDF(+); x > 0.999: 1 - CDF(-)).
+    Elementwise, in nats.
     """
     if not x.shape == means.shape == log_scales.shape:
-        raise ValueError(f"shapes differ: x {x.shape}, means {means.shape}, scales {log_scales.shape}")
+        raise ValueError(
+            f"shapes differ: x {x.shape}, means {means.shape}, scales {log_scales.shape}"
+        )
     centered = x - means
     inv_std = jnp.exp(-log_scales)
     cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))

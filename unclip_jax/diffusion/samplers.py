@@ -37,7 +37,9 @@ def _predict(model_fn, table, params, x, i, cond, null_cond, guidance_scale, opt
     """p_mean_variance at table step i for the whole batch, guided if null_cond is given."""
     t = jnp.full((x.shape[0],), i, jnp.int32)
     t_model = jnp.take(table.timestep_map, t)
-    out = guidance.model_output(model_fn, table, params, x, t_model, cond, null_cond, guidance_scale)
+    out = guidance.model_output(
+        model_fn, table, params, x, t_model, cond, null_cond, guidance_scale
+    )
     return t, t_model, g.p_mean_variance(table, out, x, t, cond=cond, **opts)
 
 
@@ -71,7 +73,9 @@ def p_sample_loop(
 
     def body(k, x):
         i = steps - 1 - k
-        t, t_model, out = _predict(model_fn, table, params, x, i, cond, null_cond, guidance_scale, opts)
+        t, t_model, out = _predict(
+            model_fn, table, params, x, i, cond, null_cond, guidance_scale, opts
+        )
         mean = out["mean"]
         if cond_fn is not None:
             mean = g.condition_mean(out, cond_fn(x, t_model, cond))
@@ -110,7 +114,9 @@ def ddim_sample_loop(
 
     def body(k, x):
         i = steps - 1 - k
-        t, t_model, out = _predict(model_fn, table, params, x, i, cond, null_cond, guidance_scale, opts)
+        t, t_model, out = _predict(
+            model_fn, table, params, x, i, cond, null_cond, guidance_scale, opts
+        )
         if cond_fn is not None:
             out = g.condition_score(table, out, x, t, cond_fn(x, t_model, cond))
         x0 = out["pred_xstart"]
@@ -226,7 +232,9 @@ def dpm_solver_pp_2m_loop(
         r = h_last / h
         second = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_last
         d = jnp.where((k == 0) | (i == 1), x0, second)
-        x_next = jnp.exp(log_sigma[j] - log_sigma[i]) * x - jnp.exp(log_alpha[j]) * jnp.expm1(-h) * d
+        x_next = (
+            jnp.exp(log_sigma[j] - log_sigma[i]) * x - jnp.exp(log_alpha[j]) * jnp.expm1(-h) * d
+        )
         x_next = jnp.where(i == 0, x0, x_next)
         return _constrain(x_next, sharding), x0, h
 

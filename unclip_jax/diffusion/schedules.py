@@ -66,10 +66,14 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} steps of {num_timesteps} with a stride")
+            raise ValueError(
+                f"cannot take exactly {desired} steps of {num_timesteps} with a stride"
+            )
         if spec.startswith("fast"):
             if spec != "fast27":
-                raise ValueError(f"only 'fast27' is defined among the fastN respacings, got {spec!r}")
+                raise ValueError(
+                    f"only 'fast27' is defined among the fastN respacings, got {spec!r}"
+                )
             # GLIDE moves the noisiest step from T-1 to T-3 "to reduce DDIM artifacts".
             steps = space_timesteps(num_timesteps, _FAST27_SECTIONS)
             steps.remove(num_timesteps - 1)
@@ -109,7 +113,9 @@ def respace_betas(betas: np.ndarray, use_timesteps: set[int]) -> tuple[np.ndarra
     alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
     timestep_map = np.array(sorted(use_timesteps), dtype=np.int64)
     if timestep_map.size == 0 or timestep_map[0] < 0 or timestep_map[-1] >= len(betas):
-        raise ValueError(f"kept timesteps must lie in [0, {len(betas)}), got {sorted(use_timesteps)}")
+        raise ValueError(
+            f"kept timesteps must lie in [0, {len(betas)}), got {sorted(use_timesteps)}"
+        )
     kept = alphas_cumprod[timestep_map]
     previous = np.concatenate([[1.0], kept[:-1]])
     return 1.0 - kept / previous, timestep_map

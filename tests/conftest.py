@@ -1,0 +1,13 @@
+"""Test setup: 8 fake CPU devices, forced before anything imports jax."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Fail loudly if jax was imported before this file could set the flag.
+assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.devices()}"
