@@ -9,6 +9,7 @@ from unclip_jax.diffusion.gaussian import (
     condition_score,
     create_diffusion,
     create_table,
+    diffusion_from_config,
     p_mean_variance,
     predict_eps_from_xstart,
     predict_xstart_from_eps,
@@ -25,15 +26,18 @@ from unclip_jax.diffusion.losses import (
     vb_terms_bpd,
 )
 from unclip_jax.diffusion.samplers import (
+    SAMPLERS,
     ddim_reverse_sample_loop,
     ddim_sample_loop,
     dpm_solver_pp_2m_loop,
     noise_like,
     p_sample_loop,
+    sample,
 )
 from unclip_jax.diffusion.schedules import get_named_beta_schedule, space_timesteps
 
 __all__ = [
+    "SAMPLERS",
     "DiffusionTable",
     "LossType",
     "ModelMeanType",
@@ -42,6 +46,7 @@ __all__ = [
     "condition_score",
     "create_diffusion",
     "create_table",
+    "diffusion_from_config",
     "ddim_reverse_sample_loop",
     "ddim_sample_loop",
     "discretized_gaussian_log_likelihood",
@@ -57,6 +62,7 @@ __all__ = [
     "predict_xstart_from_eps",
     "q_posterior_mean_variance",
     "q_sample",
+    "sample",
     "sample_timesteps",
     "space_timesteps",
     "training_losses",

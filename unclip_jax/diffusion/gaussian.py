@@ -15,6 +15,7 @@ Conventions:
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -124,13 +125,21 @@ def create_table(
     var_type: ModelVarType | str = ModelVarType.FIXED_SMALL,
     loss_type: LossType | str = LossType.MSE,
     timestep_respacing: str | list[int] | None = None,
+    use_timesteps: Iterable[int] | None = None,
 ) -> DiffusionTable:
-    """Build the table for `betas` [T], respaced first when `timestep_respacing` is given."""
+    """Build the table for `betas` [T], respaced when `timestep_respacing` is given.
+
+    `use_timesteps` instead names the kept original-chain steps explicitly (e.g. another library's
+    schedule); give one or the other.
+    """
     betas = np.asarray(betas, dtype=np.float64)
     timestep_map = np.arange(len(betas))
+    if timestep_respacing and use_timesteps is not None:
+        raise ValueError("give timestep_respacing or use_timesteps, not both")
     if timestep_respacing:
-        kept = schedules.space_timesteps(len(betas), timestep_respacing)
-        betas, timestep_map = schedules.respace_betas(betas, kept)
+        use_timesteps = schedules.space_timesteps(len(betas), timestep_respacing)
+    if use_timesteps is not None:
+        betas, timestep_map = schedules.respace_betas(betas, {int(t) for t in use_timesteps})
     arrays = {k: jnp.asarray(v, jnp.float32) for k, v in schedule_arrays(betas).items()}
     return DiffusionTable(
         **arrays,
@@ -146,6 +155,7 @@ def create_diffusion(
     num_timesteps: int = 1000,
     *,
     timestep_respacing: str | list[int] | None = None,
+    use_timesteps: Iterable[int] | None = None,
     mean_type: ModelMeanType | str = ModelMeanType.EPSILON,
     var_type: ModelVarType | str = ModelVarType.FIXED_SMALL,
     loss_type: LossType | str = LossType.MSE,
@@ -157,6 +167,7 @@ def create_diffusion(
         var_type=var_type,
         loss_type=loss_type,
         timestep_respacing=timestep_respacing,
+        use_timesteps=use_timesteps,
     )
 
 
@@ -336,3 +347,17 @@ def condition_score(table: DiffusionTable, out: dict, x_t, t, grad):
     pred_xstart = predict_xstart_from_eps(table, x_t, t, eps)
     mean, _, _ = q_posterior_mean_variance(table, pred_xstart, x_t, t)
     return dict(out, mean=mean, pred_xstart=pred_xstart, eps=eps)
+
+
+def diffusion_from_config(
+    config, timestep_respacing: str | list[int] | None = None
+) -> DiffusionTable:
+    """A table from a config's `diffusion` section (schedule, num_timesteps, mean/var/loss type)."""
+    return create_diffusion(
+        config.schedule,
+        config.num_timesteps,
+        timestep_respacing=timestep_respacing,
+        mean_type=config.mean_type,
+        var_type=config.var_type,
+        loss_type=config.loss_type,
+    )

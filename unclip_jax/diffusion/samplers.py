@@ -190,7 +190,7 @@ def ddim_reverse_sample_loop(
     )
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("lower_order_final",))
 def dpm_solver_pp_2m_loop(
     model_fn,
     table: DiffusionTable,
@@ -205,13 +205,21 @@ def dpm_solver_pp_2m_loop(
     denoised_fn=None,
     cond_fn=None,
     sharding=None,
+    lower_order_final: bool = True,
 ):
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in the data prediction.
 
-    Runs over the table's steps (e.g. a "ddim20" or "20" respacing), in log-SNR time
-    lambda = log(sqrt(abar) / sqrt(1 - abar)). The first step is first order (DDIM), the others use
-    the previous denoised output; the last step returns the denoised x0 at the smallest kept t, as
-    DDIM does. Deterministic; the processed x0 (clamp, denoised_fn) is the data prediction.
+    Runs over the table's steps (e.g. a "20" or "ddim20" respacing), in log-SNR time
+    lambda = log(sqrt(abar) / sqrt(1 - abar)). The first step is first order (DDIM); the others
+    extrapolate from the previous data prediction. The last step returns the denoised x0 at the
+    smallest kept t, as DDIM does (diffusers' final step to sigma = 0 is the same update).
+
+    `lower_order_final` (default True) makes the step into the smallest kept t first order too.
+    Grids that include t = 0 end with a log-SNR step several times the previous one, where the
+    second-order extrapolation overshoots: on the Gaussian oracle with 20 steps the error against
+    the exact ODE is 2e-3 with it and 0.18 without. diffusers' DPMSolverMultistepScheduler stops
+    its grids at t ~ T/N and uses second order there: pass False to reproduce it.
+    Deterministic; the processed x0 (clamp, denoised_fn) is the data prediction.
     """
     if cond_fn is not None:
         raise ValueError("dpm_solver_pp_2m_loop does not take a cond_fn; use DDIM for guidance")
@@ -231,7 +239,8 @@ def dpm_solver_pp_2m_loop(
         # Second order from the second step on: D = (1 + 1/2r) x0 - 1/2r x0_last, r = h_last / h.
         r = h_last / h
         second = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_last
-        d = jnp.where((k == 0) | (i == 1), x0, second)
+        first_order = (k == 0) | ((i == 1) & lower_order_final)
+        d = jnp.where(first_order, x0, second)
         x_next = (
             jnp.exp(log_sigma[j] - log_sigma[i]) * x - jnp.exp(log_alpha[j]) * jnp.expm1(-h) * d
         )
@@ -246,3 +255,17 @@ def dpm_solver_pp_2m_loop(
 def noise_like(rng, shape, temperature=1.0, dtype=jnp.float32):
     """Initial noise N(0, temperature^2 I); GLIDE's upsampler uses temperature 0.997."""
     return temperature * jax.random.normal(rng, shape, dtype)
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+
+
+def sample(kind: str, model_fn, table: DiffusionTable, params, x_T, rng, cond=None, **kwargs):
+    """Run the sampler named by `kind` ("ddpm", "ddim" or "dpm++2m"); kwargs go to it unchanged."""
+    if kind == "ddpm":
+        return p_sample_loop(model_fn, table, params, x_T, rng, cond, **kwargs)
+    if kind == "ddim":
+        return ddim_sample_loop(model_fn, table, params, x_T, rng, cond, **kwargs)
+    if kind == "dpm++2m":
+        return dpm_solver_pp_2m_loop(model_fn, table, params, x_T, cond, **kwargs)
+    raise ValueError(f"unknown sampler {kind!r}; expected one of {SAMPLERS}")

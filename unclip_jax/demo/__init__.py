@@ -1,0 +1,1 @@
+"""End-to-end demonstrations run by `unclip-jax demo` / `make demo`."""

@@ -1,0 +1,1 @@
+"""Flax linen networks. Every parameter carries logical axis names (see axes.py)."""
