@@ -57,12 +57,17 @@ def test_unclip_scheduler_steps(name, mean_type, var_type, clip):
             np.testing.assert_allclose(prev, nhwc(get("prev_sample")[k]), atol=1e-4, rtol=1e-4)
 
 
+def shrunk_eps_model(params, x, t, cond):
+    """0.7 x the oracle's eps: x0 overshoots, so the clamp (and eps re-derivation) matters."""
+    return 0.7 * oracle.eps_model(params, x, t, cond)
+
+
 def test_ddim_loop_matches_ddim_scheduler():
     table = d.create_diffusion("cosine", 1000, timestep_respacing="ddim50")
     np.testing.assert_array_equal(table.timestep_map[::-1], FIXTURE["ddim50_timesteps"])
     x_T = jnp.asarray(FIXTURE["loop_x_T"])
     cond = {"mu": jnp.full((x_T.shape[0],), 0.3)}
-    x = d.ddim_sample_loop(oracle.eps_model, table, PARAMS, x_T, jax.random.key(0), cond)
+    x = d.ddim_sample_loop(shrunk_eps_model, table, PARAMS, x_T, jax.random.key(0), cond)
     np.testing.assert_allclose(x, FIXTURE["ddim50_x0"], atol=1e-4)
 
 

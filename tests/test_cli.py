@@ -1,0 +1,43 @@
+"""The command line and config loading: the toy demo end to end, and one-line user errors."""
+
+import json
+
+import pytest
+
+from unclip_jax import cli, config_utils
+
+
+def test_config_overrides_and_errors():
+    config = config_utils.load_config("toy2d:tiny", ["optim.lr=0.01", "diffusion.schedule=linear"])
+    assert config.optim.lr == 0.01 and config.diffusion.schedule == "linear"
+    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'"):
+        config_utils.load_config("toy2d:tiny", ["optim.lrr=1"])
+    with pytest.raises(TypeError, match="'optim.steps' expects int"):
+        config_utils.load_config("toy2d:tiny", ["optim.steps=many"])
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        config_utils.load_config("nope:tiny")
+    with pytest.raises(ValueError, match="unknown toy2d variant"):
+        config_utils.load_config("toy2d:huge")
+
+
+def test_demo_runs_then_reuses_its_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--config", "toy2d:tiny", "--out", str(out)]) == 0
+    report = json.loads((out / "toy2d.json").read_text())
+    assert (out / "toy2d.png").stat().st_size > 1000
+    assert {r["sampler"] for r in report["results"]} == {"ddpm", "ddim", "dpm++2m"}
+    assert report["train_history"] is not None
+    assert all(0.0 <= r["faithfulness"] <= 1.0 for r in report["results"])
+    # A second run with the same config loads the saved weights instead of training.
+    assert cli.main(["demo", "--config", "toy2d:tiny", "--out", str(out)]) == 0
+    assert json.loads((out / "toy2d.json").read_text())["train_history"] is None
+    assert "furthest end-to-end path" in capsys.readouterr().out
+
+
+def test_user_errors_exit_2_with_one_line(capsys):
+    assert cli.main(["demo", "--config", "toy2d:tiny", "--set", "optim.nope=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["unclip-jax demo: error: unknown config key 'optim.nope'"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["frobnicate"])
+    assert exc.value.code == 2
