@@ -1,16 +1,16 @@
-"""Parity with diffusers' schedulers, from fixtures made by tests/fixtures/make_diffusion_fixtures.py.
+"""Parity with diffusers' schedulers, from fixtures made by fixtures/make_diffusion_fixtures.py.
 
 No torch here: the fixture holds diffusers' numbers (float32) and the inputs that produced them.
 """
 
 import pathlib
 
+import gaussian_oracle as oracle
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gaussian_oracle as oracle
 from unclip_jax import diffusion as d
 from unclip_jax.diffusion import gaussian as g
 
