@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
+import sys
 
 import ml_collections
 
@@ -29,7 +30,12 @@ def load_config(
     path, arg = resolve(spec)
     module_spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    # Configs may import helpers that sit beside them (configs/glide_common.py).
+    sys.path.insert(0, str(path.parent))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     config = module.get_config(arg) if arg is not None else module.get_config()
     config = ml_collections.ConfigDict(config)
     for item in overrides:

@@ -1,0 +1,55 @@
+"""Shared pieces of the GLIDE configs (SPEC 2.3): the released filtered models, the paper's 3.5B
+base and the tiny test models. Imported by configs/glide_*.py."""
+
+import ml_collections
+
+
+def text(vocab_size=50257, text_ctx=128, width=512, layers=16, heads=8):
+    c = ml_collections.ConfigDict()
+    c.vocab_size = vocab_size  # GPT-2 BPE (50257 tokens); no start/end tokens, pad id 50256
+    c.pad_id = vocab_size - 1
+    c.text_ctx = text_ctx
+    c.width = width
+    c.layers = layers
+    c.heads = heads
+    c.final_ln = True
+    c.padding_embedding = True
+    return c
+
+
+def unet(image_size, in_channels, model_channels, channel_mult, num_res_blocks,
+         attention_resolutions="32,16,8", dropout=0.1, num_head_channels=64):  # fmt: skip
+    c = ml_collections.ConfigDict()
+    c.image_size = image_size
+    c.in_channels = in_channels
+    c.out_channels = 6  # eps (3) + learned-range variance (3)
+    c.model_channels = model_channels
+    c.channel_mult = channel_mult
+    c.num_res_blocks = num_res_blocks
+    c.attention_resolutions = attention_resolutions
+    c.num_head_channels = num_head_channels
+    c.dropout = dropout
+    c.use_scale_shift_norm = True
+    c.resblock_updown = True
+    c.middle_attention = True
+    return c
+
+
+def diffusion(schedule):
+    c = ml_collections.ConfigDict()
+    c.schedule = schedule
+    c.num_timesteps = 1000
+    c.mean_type = "epsilon"
+    c.var_type = "learned_range"
+    c.loss_type = "rescaled_mse"  # the hybrid loss: MSE + VB term with lambda = 0.001
+    return c
+
+
+def tiny_text():
+    # A byte-level vocabulary (256 bytes + pad) keeps tests free of tokenizer files.
+    return text(vocab_size=257, text_ctx=16, width=32, layers=2, heads=2)
+
+
+def tiny_unet(image_size, in_channels):
+    return unet(image_size, in_channels, 32, (1, 2), 1, attention_resolutions=str(image_size // 2),
+                dropout=0.0, num_head_channels=32)  # fmt: skip
