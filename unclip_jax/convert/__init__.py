@@ -1,0 +1,1 @@
+"""Importers of public weights: safetensors only (never unpickle), strict key and shape checks."""
