@@ -1,0 +1,79 @@
+"""Meshes with axes (data, fsdp, tensor) and logical-axis rule presets (DESIGN decision 2).
+
+Pure data parallelism is the mesh (N, 1, 1); FSDP and tensor parallelism are other shapes of the
+same mesh with other rules. The batch is always split over data x fsdp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from unclip_jax.models import axes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+_BATCH = (axes.BATCH, ("data", "fsdp"))
+
+# Rules are (logical name, mesh axis or axes or None); names not listed are replicated.
+RULE_PRESETS: dict[str, tuple[tuple[str, object], ...]] = {
+    # Parameters replicated, the batch split over every device.
+    "data_parallel": (_BATCH,),
+    # Parameters and optimizer state sharded over fsdp along their model-width axis.
+    "fsdp": (
+        _BATCH,
+        (axes.EMBED, "fsdp"),
+        (axes.CONV_OUT, "fsdp"),
+        (axes.VOCAB, None),
+    ),
+    # FSDP, plus attention heads and MLP widths split over tensor.
+    "fsdp_tp": (
+        _BATCH,
+        (axes.EMBED, "fsdp"),
+        (axes.CONV_OUT, "fsdp"),
+        (axes.HEADS, "tensor"),
+        (axes.MLP, "tensor"),
+    ),
+}
+
+
+def rules_for(preset_or_rules) -> tuple[tuple[str, object], ...]:
+    """A preset name, or an explicit rules sequence (as a config holds it), as a rules tuple."""
+    if isinstance(preset_or_rules, str):
+        if preset_or_rules not in RULE_PRESETS:
+            raise ValueError(f"unknown sharding preset {preset_or_rules!r}; "
+                             f"expected one of {sorted(RULE_PRESETS)}")  # fmt: skip
+        return RULE_PRESETS[preset_or_rules]
+    return tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in preset_or_rules)
+
+
+def create_mesh(shape: Sequence[tuple[str, int]], devices=None) -> Mesh:
+    """A mesh from (axis, size) pairs; one size may be -1 (the remaining devices).
+
+    Axes are Auto (linen's logical constraints need it; jax.make_mesh defaults to Explicit).
+    """
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    names = tuple(name for name, _ in shape)
+    sizes = [int(size) for _, size in shape]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(shape)}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if devices.size % known:
+            raise ValueError(f"{devices.size} devices do not divide into mesh {dict(shape)}")
+        sizes[sizes.index(-1)] = devices.size // known
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(f"mesh {dict(zip(names, sizes, strict=True))} needs {int(np.prod(sizes))} "
+                         f"devices, have {devices.size}")  # fmt: skip
+    return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
+                         devices=devices.ravel())  # fmt: skip
+
+
+def logical_shardings(abstract_boxed, mesh: Mesh, rules):
+    """NamedShardings for a tree of (boxed, e.g. from jax.eval_shape of init) variables."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules_for(rules))
