@@ -29,6 +29,7 @@ class GlideUNet(nn.Module):
     text: TextTransformer
     unet: UNet
     mode: str = "base"
+    image_size: int = 64  # the resolution it samples at (from the config)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -131,4 +132,5 @@ def glide_from_config(model, *, dtype=jnp.float32, param_dtype=jnp.float32) -> G
     )
     unet = unet_from_config(model.unet, dtype=dtype, param_dtype=param_dtype,
                             remat=model.get("remat", False))  # fmt: skip
-    return GlideUNet(text, unet, model.mode, dtype=dtype, param_dtype=param_dtype)
+    return GlideUNet(text, unet, model.mode, model.unet.image_size, dtype=dtype,
+                     param_dtype=param_dtype)  # fmt: skip

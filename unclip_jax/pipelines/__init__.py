@@ -1,0 +1,1 @@
+"""Sampling pipelines that compose jitted stages on the host (DESIGN decision 7)."""
