@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from unclip_jax import config_utils, diffusion
-from unclip_jax.imaging import area_downsample
+from unclip_jax import config_utils, diffusion, parallel
+from unclip_jax.imaging import area_downsample, random_crop
 from unclip_jax.models.glide import glide_from_config
 from unclip_jax.pipelines.glide import ByteTokenizer, GlidePipeline, GlideStage, tokenize
 from unclip_jax.train import glide as glide_train
@@ -85,6 +85,15 @@ def test_sampling_with_guidance_scales(trained):
         assert bool(jnp.all(jnp.abs(out["images"]) <= 1.0))
         outs[scale] = np.asarray(out["images"])
     assert np.abs(outs[3.0] - outs[0.0]).mean() > 1e-3
+    # Sharded along `data` over the 8 devices: the same images as on one device.
+    mesh = parallel.create_mesh((("data", 8),))
+    prompts8 = prompts + ["blue left", "red right", "green right", "red left", "blue right"]
+    one = pipe(prompts8, jax.random.key(1), guidance_scale=3.0, base_respacing="10")
+    with jax.set_mesh(mesh):
+        sharded = pipe(prompts8, jax.random.key(1), guidance_scale=3.0, base_respacing="10",
+                       mesh=mesh)  # fmt: skip
+    assert len(sharded["images"].addressable_shards) == 8
+    np.testing.assert_allclose(sharded["images"], one["images"], atol=1e-5)
     # Per-prompt scales in one batch equal the uniform runs, example by example.
     mixed = pipe(prompts, jax.random.key(0), guidance_scale=[0.0, 1.0, 3.0], base_respacing="10")
     for i, scale in enumerate((0.0, 1.0, 3.0)):
@@ -142,3 +151,7 @@ def test_captions_drop_to_the_empty_sequence_and_low_res_is_area_downsampled():
     np.testing.assert_allclose(low[0, 0, 0, 0], (0 + 1 + 4 + 5) / 4)
     with pytest.raises(ValueError, match="not a multiple"):
         area_downsample(img, 3)
+    crops = random_crop(jax.random.key(0), jnp.broadcast_to(img[:1], (64, 4, 4, 1)), 2)
+    corners = {float(c) for c in np.asarray(crops[:, 0, 0, 0])}
+    assert corners == {0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 8.0, 9.0, 10.0}  # every offset, 2x2 in 4x4
+    np.testing.assert_array_equal(crops[:, 1, 1, 0] - crops[:, 0, 0, 0], 5.0)

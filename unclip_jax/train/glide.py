@@ -4,7 +4,8 @@
   `caption_drop` (0.2 in GLIDE), which trains the null condition of classifier-free guidance.
 - Inpainting models see [x_t, image * mask, mask] with a random mask per example (recipe below);
   the loss covers the whole image, as for the base model.
-- Upsamplers see the area-downsampled training image as their low-resolution input.
+- Training images larger than the model are randomly cropped to its size; upsamplers see the
+  area-downsampled crop as their low-resolution input (guided-diffusion's SR recipe).
 
 The inpainting mask recipe (the paper only says "random regions of training examples are erased",
 SPEC 7.10): 10% of examples have everything erased (plain generation), 45% one axis-aligned
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax import diffusion
-from unclip_jax.imaging import area_downsample
+from unclip_jax.imaging import area_downsample, random_crop
 from unclip_jax.models.glide import GlideUNet
 
 
@@ -87,7 +88,9 @@ def glide_loss(
     Returns (loss, metrics) with metrics {"loss", "mse", "vb", "nonfinite"} (means over the batch).
     """
     image, tokens, mask = batch["image"], batch["tokens"], batch["mask"]
-    k_drop, k_t, k_noise, k_mask, k_dropout = jax.random.split(rng, 5)
+    k_drop, k_t, k_noise, k_mask, k_dropout, k_crop = jax.random.split(rng, 6)
+    if image.shape[1] != model.image_size or image.shape[2] != model.image_size:
+        image = random_crop(k_crop, image, model.image_size)
     tokens, mask = drop_captions(k_drop, tokens, mask, caption_drop, pad_id)
     extras = {}
     if "inpaint" in model.mode:
