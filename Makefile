@@ -38,6 +38,7 @@ lint: $(VENV)/.stamp-test
 ## fixtures: regenerate the parity fixtures with torch/diffusers/transformers (not needed by tests)
 fixtures: $(VENV)/.stamp-parity
 	$(BIN)/python tests/fixtures/make_diffusion_fixtures.py
+	$(BIN)/python tests/fixtures/make_unet_fixtures.py
 
 ## bench: side-by-side benchmarks against the PyTorch reference; JSON in benchmarks/results/
 bench: $(VENV)/.stamp-parity
