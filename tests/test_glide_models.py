@@ -130,3 +130,19 @@ def test_fsdp_sharding_specs_and_sharded_forward_equal_unsharded():
     host_params = jax.tree.map(np.asarray, params)
     single = jax.jit(model.apply)({"params": host_params}, *args)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5, rtol=1e-5)
+
+
+def test_remat_is_switched_by_the_config():
+    config = config_utils.load_config("glide_base64:tiny", ["model.remat=True"])
+    args, _ = example_inputs(config)
+    plain = glide_from_config(config_utils.load_config("glide_base64:tiny").model)
+    params = jax.eval_shape(lambda: plain.init(jax.random.key(0), *args))
+
+    def loss(model, p):
+        return jnp.sum(model.apply(p, *args))
+
+    def grad_jaxpr(model):
+        return str(jax.make_jaxpr(jax.grad(lambda p: loss(model, p)))(params))
+
+    assert "remat" in grad_jaxpr(glide_from_config(config.model))  # jax.checkpoint
+    assert "remat" not in grad_jaxpr(plain)
