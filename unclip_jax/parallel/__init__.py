@@ -6,6 +6,14 @@ from unclip_jax.parallel.sharding import (
     create_mesh,
     logical_shardings,
     rules_for,
+    sharded_init,
 )
 
-__all__ = ["MESH_AXES", "RULE_PRESETS", "create_mesh", "logical_shardings", "rules_for"]
+__all__ = [
+    "MESH_AXES",
+    "RULE_PRESETS",
+    "create_mesh",
+    "logical_shardings",
+    "rules_for",
+    "sharded_init",
+]

@@ -77,3 +77,18 @@ def logical_shardings(abstract_boxed, mesh: Mesh, rules):
     """NamedShardings for a tree of (boxed, e.g. from jax.eval_shape of init) variables."""
     specs = nn.get_partition_spec(abstract_boxed)
     return nn.logical_to_mesh_sharding(specs, mesh, rules_for(rules))
+
+
+def sharded_init(create_fn, mesh: Mesh, rules, *args):
+    """Run `create_fn(*args)` (boxed variables, or a state holding them) sharded from birth.
+
+    Shapes come from jax.eval_shape, shardings from the logical names, and the jitted creation
+    writes every array straight into its shards: nothing is materialised on one device
+    (DESIGN decision 3). Returns (unboxed result, its NamedShardings).
+    """
+    rules = rules_for(rules)
+    abstract = jax.eval_shape(create_fn, *args)
+    shardings = logical_shardings(abstract, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        created = jax.jit(create_fn, out_shardings=shardings)(*args)
+    return nn.meta.unbox(created), shardings

@@ -1,0 +1,80 @@
+"""The train state (params, EMA params, optimizer state, step) and the optimizer (SPEC 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes; a pytree, donated to the step."""
+
+    step: jax.Array  # int32 scalar: optimizer updates applied
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    skipped: jax.Array  # int32 scalar: steps skipped because the loss or gradients were non-finite
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init(params),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+
+def ema_decay_at(step, decay: float, warmup: bool = True):
+    """EMA decay at `step`: min(decay, (1 + step) / (10 + step)) with warm-up, else `decay`.
+
+    The warm-up keeps the EMA from being dominated by the random init early on.
+    """
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_schedule(optim) -> optax.Schedule:
+    """Linear warm-up to optim.lr over optim.warmup_steps, then constant or cosine decay."""
+    warmup = int(optim.get("warmup_steps", 0))
+    lr = float(optim.lr)
+    kind = optim.get("schedule", "constant")
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        decay_steps = max(int(optim.total_steps) - warmup, 1)
+        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim.get("final_lr_frac", 0.0))
+    else:
+        raise ValueError(f"unknown learning-rate schedule {kind!r}; expected constant or cosine")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with decoupled weight decay and global-norm clipping, from a config's `optim`.
+
+    optim: lr, b1, b2, eps, weight_decay, grad_clip (0 = off), warmup_steps, schedule.
+    """
+    schedule = make_schedule(optim)
+    parts = []
+    if optim.get("grad_clip", 0.0):
+        parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=float(optim.get("b1", 0.9)),
+            b2=float(optim.get("b2", 0.999)),
+            eps=float(optim.get("eps", 1e-8)),
+            weight_decay=float(optim.get("weight_decay", 0.0)),
+        )
+    )
+    return optax.chain(*parts), schedule
