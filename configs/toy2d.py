@@ -6,6 +6,7 @@ guidance, and every sampler. Not a paper model.
 
     unclip-jax demo --config toy2d            # about a minute on 2 CPU cores
     unclip-jax demo --config toy2d:tiny       # what the tests run
+    unclip-jax train --config toy2d:tiny --workdir runs/toy   # through the shared training loop
 """
 
 import ml_collections
@@ -13,7 +14,12 @@ import ml_collections
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
+    c.kind = "toy2d"
     c.seed = 0
+    # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Rules: a preset name of
+    # unclip_jax.parallel.RULE_PRESETS or a list of (logical name, mesh axes) pairs.
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    c.sharding_rules = "data_parallel"
 
     c.data = ml_collections.ConfigDict()
     c.data.num_modes = 8
@@ -37,6 +43,22 @@ def get_config(arg=None):
     c.optim.steps = 3000
     c.optim.steps_per_call = 200  # train steps per jitted lax.scan
     c.optim.cond_drop = 0.2  # class label replaced by the null label (for CFG), as GLIDE's 20%
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
+    c.optim.ema_decay = 0.999
+
+    c.train = ml_collections.ConfigDict()
+    c.train.log_every = 50
+    c.train.max_nonfinite_in_row = 20
+
+    c.ckpt = ml_collections.ConfigDict()
+    c.ckpt.save_every = 500
+    c.ckpt.keep = 3
+    c.ckpt.keep_every = 0  # also keep every N-th step (0: off)
+    c.ckpt.init_from = ""  # a checkpoint folder to take params from when the workdir is empty
 
     c.sample = ml_collections.ConfigDict()
     c.sample.per_class = 64
@@ -49,6 +71,8 @@ def get_config(arg=None):
         c.optim.steps = 40
         c.optim.steps_per_call = 20
         c.optim.batch_size = 64
+        c.train.log_every = 5
+        c.ckpt.save_every = 10
         c.sample.per_class = 4
         c.sample.guidance_scales = (0.0, 3.0)
         c.sample.samplers = (("ddpm", "10"), ("ddim", "ddim10"), ("dpm++2m", "10"))

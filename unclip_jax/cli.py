@@ -44,6 +44,27 @@ def _cmd_demo(args) -> None:
           f"{out / 'toy2d.json'}")  # fmt: skip
 
 
+def _cmd_train(args) -> None:
+    from unclip_jax import config_utils
+    from unclip_jax.train.loop import train
+
+    config = config_utils.load_config(args.config, args.set)
+    summary = train(config, args.workdir)
+    print(f"trained to step {summary['step']}; checkpoints and metrics.jsonl in {args.workdir}")
+
+
+def _add_config_args(parser, default=None) -> None:
+    parser.add_argument("--config", required=default is None, default=default,
+                        help="config file or name[:variant], e.g. toy2d:tiny")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.steps=2000 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unclip-jax",
@@ -58,21 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
         description=DEMO_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument(
-        "--config", default="toy2d", help="config file or name[:variant] (default: toy2d)"
-    )
-    demo.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.steps=2000 (repeatable)",
-    )
+    _add_config_args(demo, default="toy2d")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     demo.add_argument(
         "--retrain", action="store_true", help="train again even if a matching model is saved"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model with the shared sharded loop (resumes from --workdir)",
+        description="Train config.kind on a mesh built from config.mesh; checkpoints, the data "
+        "position and metrics.jsonl go to --workdir, and a rerun resumes there. SIGTERM saves "
+        "and exits 0.",
+    )
+    _add_config_args(train)
+    train.add_argument("--workdir", required=True, help="run folder (resumed if it holds one)")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 
@@ -82,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
+    # orbax logs every checkpoint phase through absl at INFO; keep -v readable.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (UserError, FileNotFoundError, KeyError, TypeError, ValueError) as err:

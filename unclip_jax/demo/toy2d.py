@@ -96,6 +96,68 @@ def mode_centres(num_modes: int, radius: float) -> np.ndarray:
     return radius * np.stack([np.cos(angle), np.sin(angle)], axis=-1)
 
 
+def toy_loss(params, batch, rng, *, module: ToyDenoiser, table, cond_drop: float):
+    """Mean hybrid loss of a batch {"x": [B, 2], "label": [B]}; labels dropped to the null label
+    with probability `cond_drop`. Returns (loss, {"loss", "mse", "vb", "nonfinite"})."""
+    k_t, k_noise, k_drop = jax.random.split(rng, 3)
+    labels = batch["label"]
+    labels = jnp.where(jax.random.bernoulli(k_drop, cond_drop, labels.shape), module.num_classes,
+                       labels)  # fmt: skip
+    t = diffusion.sample_timesteps(k_t, labels.shape[0], table)
+    noise = jax.random.normal(k_noise, batch["x"].shape)
+
+    def fn(x_t, t_model):
+        return module.apply({"params": params}, x_t, t_model, labels)
+
+    terms = diffusion.training_losses(table, fn, batch["x"], t, noise)
+    metrics = {k: jnp.mean(v) for k, v in terms.items()}
+    return metrics["loss"], metrics
+
+
+class ToyData:
+    """Host-side batches {"x": [B, 2], "label": [B]} of the ring, a pure function of
+    (seed, process, batch index): the iterator state is just the next index (checkpointable)."""
+
+    def __init__(self, config, batch_size: int, process_index: int = 0):
+        self.config, self.batch_size, self.process_index = config, batch_size, process_index
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        d = self.config.data
+        rng = np.random.default_rng([self.config.seed, self.process_index, self.index])
+        self.index += 1
+        labels = rng.integers(0, d.num_modes, self.batch_size)
+        centres = mode_centres(d.num_modes, d.radius)[labels]
+        x = centres + d.mode_std * rng.standard_normal((self.batch_size, 2))
+        return {"x": x.astype(np.float32), "label": labels.astype(np.int32)}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+def model_kind(config):
+    """What the shared training loop needs for the toy model: init, loss, data."""
+    from unclip_jax.train.kinds import ModelKind
+
+    module = ToyDenoiser(config.data.num_modes, config.model.hidden, config.model.depth)
+    table = diffusion.diffusion_from_config(config.diffusion)
+
+    def init(rng):
+        return module.init(rng, jnp.zeros((1, 2)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))[
+            "params"
+        ]
+
+    loss = functools.partial(toy_loss, module=module, table=table, cond_drop=config.optim.cond_drop)
+    return ModelKind(init=init, loss_fn=loss,
+                     data=lambda batch, index: ToyData(config, batch, index))  # fmt: skip
+
+
 def model_fn(params, x, t, cond, *, module):
     return module.apply({"params": params}, x, t, cond["label"])
 
@@ -111,17 +173,13 @@ def train(config, module: ToyDenoiser, table, rng):
     data_cfg, batch = config.data, config.optim.batch_size
 
     def loss_fn(p, rng):
-        k_data, k_t, k_noise, k_drop = jax.random.split(rng, 4)
+        k_data, k_loss = jax.random.split(rng)
         x0, labels = make_data(
             k_data, batch, data_cfg.num_modes, data_cfg.radius, data_cfg.mode_std
         )
-        drop = jax.random.bernoulli(k_drop, config.optim.cond_drop, labels.shape)
-        labels = jnp.where(drop, data_cfg.num_modes, labels)
-        t = diffusion.sample_timesteps(k_t, batch, table)
-        noise = jax.random.normal(k_noise, x0.shape)
-        fn = lambda x_t, tm: module.apply({"params": p}, x_t, tm, labels)  # noqa: E731
-        terms = diffusion.training_losses(table, fn, x0, t, noise)
-        return jnp.mean(terms["loss"]), terms
+        loss, metrics = toy_loss(p, {"x": x0, "label": labels}, k_loss, module=module,
+                                 table=table, cond_drop=config.optim.cond_drop)  # fmt: skip
+        return loss, metrics
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_chunk(params, opt_state, rng, start):
@@ -131,7 +189,7 @@ def train(config, module: ToyDenoiser, table, rng):
                 params, jax.random.fold_in(rng, i)
             )
             updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), (loss, jnp.mean(terms["vb"]))
+            return (optax.apply_updates(params, updates), opt_state), (loss, terms["vb"])
 
         steps = start + jnp.arange(config.optim.steps_per_call)
         (params, opt_state), (loss, vb) = jax.lax.scan(step, (params, opt_state), steps)

@@ -5,8 +5,12 @@ embeddings are global arrays (batch sharded along `data`), so `text @ image.T` i
 matrix holding every device's pairs, as if on one device, with no hand-written all-gather (which
 pmap-era code needed). XLA inserts the collectives.
 
-Loss functions have the signature the shared train step takes, `loss_fn(params, batch, rng) ->
-(loss, metrics)`; until that step lands, `make_train_step` is a plain jitted, donated one.
+Loss functions have the signature of the shared train step (train/step.py), `loss_fn(params,
+batch, rng) -> (loss, metrics)`:
+
+    tx, schedule = clip_optimizer(config.optim)
+    state = init_train_state(model, tx, rng)
+    step = jax.jit(make_train_step(make_clip_loss(model), tx, schedule), donate_argnums=0)
 
 Batches: {"input_ids": [B, L] int32, "images": [B, H, W, C], optionally "eot_positions": [B]}.
 Images for the noise-aware CLIP are clean images in [-1, 1]; the loss noises them.
@@ -20,10 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from unclip_jax.diffusion import DiffusionTable, q_sample, sample_timesteps
 from unclip_jax.models.clip import CLIP, init_params, l2_normalize
+from unclip_jax.train.state import TrainState, make_schedule
 
 LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -110,69 +114,39 @@ def _need_both(model: CLIP) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# A plain train step (the shared, sharded one belongs to the distributed-training issue).
+# Optimizer and state for the shared train step (train/step.py).
 
 
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
+def clip_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """CLIP's AdamW (paper, Table 19), as (tx, schedule) like train.state.make_optimizer.
 
-
-def clip_optimizer(optim) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay (CLIP paper, Table 19 defaults in the configs).
-
-    `optim`: a config section with lr, b1, b2, eps, weight_decay, warmup_steps, steps, grad_clip.
-    Weight decay skips gains, biases, the class token and the logit scale (every tensor with fewer
-    than two dimensions), as OpenAI's training did.
+    `optim`: lr, b1, b2, eps, weight_decay, grad_clip (0 = off), warmup_steps, schedule,
+    total_steps. Unlike make_optimizer, weight decay skips gains, biases, the class token and
+    the logit scale (every tensor with fewer than two dimensions), as OpenAI's training did.
     """
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, optim.lr, max(int(optim.warmup_steps), 1), max(int(optim.steps), 2)
-    )
+    schedule = make_schedule(optim)
     adam = optax.adamw(
         schedule,
-        b1=optim.b1,
-        b2=optim.b2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
+        b1=float(optim.b1),
+        b2=float(optim.b2),
+        eps=float(optim.eps),
+        weight_decay=float(optim.weight_decay),
         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
     )
-    clip = optim.get("grad_clip")
-    return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
+    clip = float(optim.get("grad_clip", 0.0))
+    tx = optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
+    return tx, schedule
 
 
-def create_train_state(model: CLIP, optimizer: optax.GradientTransformation, rng) -> TrainState:
-    """Fresh params (unboxed: optax sees plain arrays) and optimizer state, step 0."""
-    params = nn.meta.unbox(init_params(model, rng))
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+def init_train_state(model: CLIP, tx: optax.GradientTransformation, rng) -> TrainState:
+    """Fresh params (unboxed: optax sees plain arrays), EMA and optimizer state, step 0.
 
-
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation):
-    """step(state, batch, rng) -> (state, metrics), jitted with the state donated.
-
-    The per-step rng is fold_in(rng, step). A non-finite loss leaves params and optimizer state
-    unchanged (metrics["nonfinite"] = 1) instead of poisoning them.
+    One jitted program: run eagerly, every initialiser would compile on its own. (For sharded
+    init use the boxed `models.clip.init_params` with the shared sharded-init helpers.)
     """
 
-    def step(state: TrainState, batch: dict, rng: jax.Array):
-        rng = jax.random.fold_in(rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_state = TrainState(
-            state.step + 1,
-            jax.tree.map(keep, params, state.params),
-            jax.tree.map(keep, opt_state, state.opt_state),
-        )
-        metrics = dict(
-            metrics,
-            grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(state.params),
-            nonfinite=(~finite).astype(jnp.float32),
-        )
-        return new_state, metrics
+    @jax.jit
+    def init(rng):
+        return TrainState.create(nn.meta.unbox(init_params(model, rng)), tx)
 
-    return jax.jit(step, donate_argnums=0)
+    return init(rng)
