@@ -39,6 +39,7 @@ lint: $(VENV)/.stamp-test
 fixtures: $(VENV)/.stamp-parity
 	$(BIN)/python tests/fixtures/make_diffusion_fixtures.py
 	$(BIN)/python tests/fixtures/make_unet_fixtures.py
+	$(BIN)/python tests/fixtures/make_clip_fixtures.py
 
 ## bench: side-by-side benchmarks against the PyTorch reference; JSON in benchmarks/results/
 bench: $(VENV)/.stamp-parity

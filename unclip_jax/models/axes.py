@@ -17,3 +17,5 @@ CHANNELS = "channels"
 CONV_IN = "conv_in"  # input channels of a convolution kernel
 CONV_OUT = "conv_out"  # output channels of a convolution kernel
 NORM = "norm"  # scales and biases of normalisation layers
+JOINT_EMBED = "joint_embed"  # CLIP's shared image-text embedding space (projection outputs)
+TIMESTEPS = "timesteps"  # rows of a learned per-timestep table (the noise-aware CLIP)
