@@ -155,3 +155,32 @@ def test_captions_drop_to_the_empty_sequence_and_low_res_is_area_downsampled():
     corners = {float(c) for c in np.asarray(crops[:, 0, 0, 0])}
     assert corners == {0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 8.0, 9.0, 10.0}  # every offset, 2x2 in 4x4
     np.testing.assert_array_equal(crops[:, 1, 1, 0] - crops[:, 0, 0, 0], 5.0)
+
+
+def test_clip_guidance_runs_inside_the_glide_sampler(trained):
+    """A noise-aware CLIP's gradient guides GLIDE's jitted base sampler (no CFG with it)."""
+    from unclip_jax.models.clip import clip_from_config, init_params
+    from unclip_jax.models.clip_guidance import ClipGuidance, clip_guidance_cond
+
+    config, model, params, *_ = trained
+    clip_cfg = config_utils.load_config("noised_clip_b64:tiny")
+    clip = clip_from_config(clip_cfg.model)
+    clip_params = nn.meta.unbox(jax.jit(lambda r: init_params(clip, r))(jax.random.key(4)))
+    guidance = ClipGuidance(clip)
+    ids = jnp.tile(jnp.arange(1, 17)[None], (3, 1)).astype(jnp.int32)
+    pipe = GlidePipeline(GlideStage(model, params, config.diffusion), ByteTokenizer())
+    prompts = ["red left", "blue right", "green left"]
+
+    def run(scale):
+        cond = clip_guidance_cond(clip, clip_params, ids, scale)
+        out = pipe(prompts, jax.random.key(2), guidance_scale=None, base_respacing="10",
+                   clip_guidance=(guidance, cond))  # fmt: skip
+        return np.asarray(out["images"])
+
+    unguided = np.asarray(pipe(prompts, jax.random.key(2), guidance_scale=None,
+                               base_respacing="10")["images"])  # fmt: skip
+    np.testing.assert_allclose(run(0.0), unguided, atol=1e-6)
+    assert np.abs(run(50.0) - unguided).mean() > 1e-4
+    with pytest.raises(ValueError, match="replaces classifier-free guidance"):
+        pipe(prompts, jax.random.key(2), guidance_scale=3.0,
+             clip_guidance=(guidance, clip_guidance_cond(clip, clip_params, ids, 1.0)))  # fmt: skip

@@ -92,7 +92,7 @@ class GlideStage:
 
     def sample(self, cond, rng, *, respacing: str, sampler: str = "ddpm", null_cond=None,
                guidance_scale=None, temperature: float = 1.0, inpaint: bool = False,
-               eta: float = 0.0, mesh=None):  # fmt: skip
+               eta: float = 0.0, cond_fn=None, mesh=None):  # fmt: skip
         """Images [B, H, W, 3] in [-1, 1] for the per-example conditioning `cond`."""
         table = diffusion.diffusion_from_config(self.diffusion, respacing)
         batch = cond["tokens"].shape[0]
@@ -100,13 +100,16 @@ class GlideStage:
         k_noise, k_sample = jax.random.split(rng)
         x_T = diffusion.noise_like(k_noise, (batch, size, size, 3), temperature)
         kwargs = dict(null_cond=null_cond, guidance_scale=guidance_scale, clip_denoised=True,
-                      denoised_fn=keep_known_pixels if inpaint else None)  # fmt: skip
+                      denoised_fn=keep_known_pixels if inpaint else None,
+                      cond_fn=cond_fn)  # fmt: skip
         if sampler == "ddim":
             kwargs["eta"] = eta
         if mesh is not None:
             sharding = NamedSharding(mesh, P("data"))
             put = functools.partial(jax.device_put, device=sharding)
-            x_T, cond = put(x_T), jax.tree.map(put, cond)
+            # Per-example inputs go along `data`; guidance params (cond["clip"]) stay as they are.
+            x_T = put(x_T)
+            cond = {k: v if k == "clip" else jax.tree.map(put, v) for k, v in cond.items()}
             kwargs["null_cond"] = None if null_cond is None else jax.tree.map(put, null_cond)
             if guidance_scale is not None:
                 kwargs["guidance_scale"] = put(jnp.broadcast_to(guidance_scale, (batch,)))
@@ -135,11 +138,14 @@ class GlidePipeline:
     def __call__(self, prompts: list[str], rng, *, guidance_scale=3.0, base_respacing="100",
                  base_sampler="ddpm", upsample_respacing="fast27", upsample_sampler="ddim",
                  upsample_temperature=0.997, inpaint_image=None, inpaint_mask=None,
-                 mesh=None) -> dict:  # fmt: skip
+                 clip_guidance=None, mesh=None) -> dict:  # fmt: skip
         """{"base": [B, 64, 64, 3], "images": [B, 256, 256, 3] (or the base without upsampler)}.
 
-        guidance_scale: a number or one per prompt. inpaint_image [B, H, W, 3] in [-1, 1] and
-        inpaint_mask [B, H, W, 1] (1 = keep) at the upsampler's (or the base's) resolution.
+        guidance_scale: a number or one per prompt (classifier-free guidance). inpaint_image
+        [B, H, W, 3] in [-1, 1] and inpaint_mask [B, H, W, 1] (1 = keep) at the upsampler's (or
+        the base's) resolution. clip_guidance: (ClipGuidance(noised_clip), clip_guidance_cond(...))
+        guides the base stage by a noise-aware CLIP's gradient instead of classifier-free guidance
+        (GLIDE uses one or the other; pass guidance_scale=None with it).
         """
         k_base, k_up = jax.random.split(rng)
         batch = len(prompts)
@@ -147,6 +153,12 @@ class GlidePipeline:
         null_tokens, null_mask = self._tokens(self.base, [""] * batch)
         cond = {"tokens": tokens, "mask": mask}
         null = {"tokens": null_tokens, "mask": null_mask}
+        cond_fn = None
+        if clip_guidance is not None:
+            if guidance_scale is not None:
+                raise ValueError("CLIP guidance replaces classifier-free guidance: pass "
+                                 "guidance_scale=None with clip_guidance")  # fmt: skip
+            cond_fn, cond["clip"] = clip_guidance
         inpaint = inpaint_image is not None
         if inpaint:
             if inpaint_mask is None:
@@ -156,10 +168,13 @@ class GlidePipeline:
             small_mask = nearest_downsample(jnp.asarray(inpaint_mask, jnp.float32), size)
             for c in (cond, null):
                 c["inpaint_image"], c["inpaint_mask"] = small_image, small_mask
-        scale = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
+        if guidance_scale is None:
+            null, scale = None, None
+        else:
+            scale = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
         base = self.base.sample(
             cond, k_base, respacing=base_respacing, sampler=base_sampler, null_cond=null,
-            guidance_scale=scale, inpaint=inpaint, mesh=mesh,
+            guidance_scale=scale, inpaint=inpaint, cond_fn=cond_fn, mesh=mesh,
         )  # fmt: skip
         out = {"base": base, "images": base}
         if self.upsampler is not None:
