@@ -53,3 +53,31 @@ def tiny_text():
 def tiny_unet(image_size, in_channels):
     return unet(image_size, in_channels, 32, (1, 2), 1, attention_resolutions=str(image_size // 2),
                 dropout=0.0, num_head_channels=32)  # fmt: skip
+
+
+def training(c, tiny: bool, *, batch_size=2048, steps=2_500_000, sharding_rules="fsdp"):
+    """Sections for `unclip-jax train`. GLIDE's optimizer settings are unpublished (SPEC 7.10):
+    these are guided-diffusion's (AdamW lr 1e-4, no weight decay, EMA 0.9999) with the paper's
+    batch 2048 and 2.5M iterations for the base model."""
+    c.kind = "glide"
+    c.seed = 0
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    c.sharding_rules = sharding_rules
+    o = c.optim = ml_collections.ConfigDict()
+    o.lr, o.b1, o.b2, o.eps, o.weight_decay = 1e-4, 0.9, 0.999, 1e-8, 0.0
+    o.grad_clip, o.warmup_steps, o.schedule = 1.0, 0, "constant"
+    o.ema_decay, o.batch_size, o.steps, o.accum_steps = 0.9999, batch_size, steps, 1
+    c.train.log_every = 100
+    c.train.max_nonfinite_in_row = 20
+    k = c.ckpt = ml_collections.ConfigDict()
+    k.save_every, k.keep, k.keep_every, k.init_from = 5000, 3, 100_000, ""
+    d = c.data = ml_collections.ConfigDict()
+    d.name, d.dir, d.config, d.split = "shapes", "outputs/data", "default", "train"
+    d.tokenizer = "gpt2_bpe"  # the released GPT-2 BPE (not wired into training yet)
+    if tiny:
+        o.lr, o.ema_decay, o.batch_size, o.steps = 1e-3, 0.99, 16, 30
+        c.train.log_every = 5
+        k.save_every, k.keep_every = 10, 0
+        d.config, d.tokenizer = "tiny", "bytes"
+        c.sharding_rules = "data_parallel"
+    return c

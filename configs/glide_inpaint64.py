@@ -10,7 +10,7 @@ into every predicted x0 (denoised_fn).
 """
 
 import ml_collections
-from glide_common import diffusion, text, tiny_text, tiny_unet, unet
+from glide_common import diffusion, text, tiny_text, tiny_unet, training, unet
 
 
 def get_config(arg=None):
@@ -33,4 +33,4 @@ def get_config(arg=None):
     c.sample = ml_collections.ConfigDict()
     c.sample.respacing = "100"
     c.sample.guidance_scale = 5.0
-    return c
+    return training(c, variant.startswith("tiny"))

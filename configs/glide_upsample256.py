@@ -13,7 +13,7 @@ Sampling as released: "fast27" respacing, DDIM (eta 0), no guidance, initial noi
 """
 
 import ml_collections
-from glide_common import diffusion, text, tiny_text, tiny_unet, unet
+from glide_common import diffusion, text, tiny_text, tiny_unet, training, unet
 
 
 def get_config(arg=None):
@@ -36,9 +36,11 @@ def get_config(arg=None):
         raise ValueError(
             f"unknown glide_upsample256 variant {variant!r}: filtered, inpaint, tiny, tiny_inpaint"
         )
+    c.train = ml_collections.ConfigDict()
+    c.train.caption_drop = 0.0  # the released upsampler is sampled without guidance
     c.diffusion = diffusion("linear")
     c.sample = ml_collections.ConfigDict()
     c.sample.respacing = "fast27"
     c.sample.sampler = "ddim"
     c.sample.temperature = 0.997
-    return c
+    return training(c, variant.startswith("tiny"), batch_size=512, steps=1_600_000)

@@ -12,7 +12,9 @@ import pytest
 from unclip_jax import config_utils, diffusion, parallel
 from unclip_jax.imaging import area_downsample, random_crop
 from unclip_jax.models.glide import glide_from_config
-from unclip_jax.pipelines.glide import ByteTokenizer, GlidePipeline, GlideStage, tokenize
+from unclip_jax.pipelines.glide import GlidePipeline, GlideStage
+from unclip_jax.tokenizers import ByteTokenizer
+from unclip_jax.tokenizers import glide_tokenize as tokenize
 from unclip_jax.train import glide as glide_train
 
 COLORS = {"red": (0.9, -0.8, -0.8), "green": (-0.8, 0.6, -0.6), "blue": (-0.8, -0.6, 0.9)}

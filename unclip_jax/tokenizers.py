@@ -212,3 +212,41 @@ def train_bpe(
         vocab.setdefault(token, len(vocab))
     hf = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
     return ClipTokenizer(hf, context_length)
+
+
+# ------------------------------------------------------------------------------------------------
+# GLIDE-style text input: no start/end tokens, lowercased, padded with a pad id (SPEC 2.2).
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256, pad id 256): for tiny models without BPE files."""
+
+    vocab_size = 257
+    pad_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def glide_tokenize(tokenizer, prompts: list[str], text_ctx: int, pad_id: int, *, warn: bool = True):
+    """GLIDE's text input: lowercased, no start/end tokens, truncated, padded with pad_id.
+
+    Returns NumPy (tokens [B, text_ctx] int32, mask [B, text_ctx] bool). An empty prompt is the null
+    condition (all padding). Too-long prompts are truncated with a warning.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    tokens = np.full((len(prompts), text_ctx), pad_id, np.int32)
+    mask = np.zeros((len(prompts), text_ctx), bool)
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i} is {type(prompt).__name__}, not str")
+        ids = tokenizer.encode(prompt.lower())
+        if len(ids) > text_ctx:
+            if warn:
+                logger.warning("prompt %d has %d tokens; truncated to %d: %r", i, len(ids),
+                               text_ctx, prompt)  # fmt: skip
+            ids = ids[:text_ctx]
+        tokens[i, : len(ids)] = ids
+        mask[i, : len(ids)] = True
+    return tokens, mask

@@ -21,6 +21,7 @@ the next step's business.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,3 +158,47 @@ def to_global(batch: dict[str, Any], sharding: NamedSharding) -> dict[str, Any]:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return {k: put(v) for k, v in batch.items()}
+
+
+class TokenizedBatches:
+    """Host batches of a loader with captions tokenised GLIDE-style, and a JSON-able state.
+
+    Yields {"image": [b, S, S, 3] float32, "tokens": [b, L] int32, "mask": [b, L] bool}.
+    `get_state()`/`set_state()` wrap the grain iterator's state (bytes, base64 in JSON) so the
+    training checkpoint resumes the data order.
+    """
+
+    def __init__(self, loader: grain.DataLoader, tokenizer, text_ctx: int, pad_id: int):
+        self._iterator = iter(loader)
+        self.tokenizer, self.text_ctx, self.pad_id = tokenizer, text_ctx, pad_id
+        self._warned = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        from unclip_jax.tokenizers import glide_tokenize
+
+        batch = next(self._iterator)
+        captions = [str(c) for c in batch["caption"]]
+        tokens, mask = glide_tokenize(self.tokenizer, captions, self.text_ctx, self.pad_id,
+                                      warn=False)  # fmt: skip
+        if not self._warned and mask[:, -1].any():
+            logging.getLogger(__name__).warning(
+                "captions longer than the model's %d-token context are truncated", self.text_ctx
+            )
+            self._warned = True
+        return {"image": np.asarray(batch["image"], np.float32), "tokens": tokens, "mask": mask}
+
+    def get_state(self) -> dict:
+        import base64
+
+        state = self._iterator.get_state()
+        if isinstance(state, str):
+            state = state.encode()
+        return {"grain": base64.b64encode(state).decode("ascii")}
+
+    def set_state(self, state: dict) -> None:
+        import base64
+
+        self._iterator.set_state(base64.b64decode(state["grain"]))

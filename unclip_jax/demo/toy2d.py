@@ -154,8 +154,10 @@ def model_kind(config):
         ]
 
     loss = functools.partial(toy_loss, module=module, table=table, cond_drop=config.optim.cond_drop)
-    return ModelKind(init=init, loss_fn=loss,
-                     data=lambda batch, index: ToyData(config, batch, index))  # fmt: skip
+    def data(global_batch, process_index, process_count):
+        return ToyData(config, global_batch // process_count, process_index)
+
+    return ModelKind(init=init, loss_fn=loss, data=data)
 
 
 def model_fn(params, x, t, cond, *, module):

@@ -15,48 +15,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax import diffusion
 from unclip_jax.imaging import area_downsample, nearest_downsample, quantize_8bit
 from unclip_jax.models.glide import GlideUNet
+from unclip_jax.tokenizers import glide_tokenize
 
 log = logging.getLogger(__name__)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocabulary 256, pad id 256): for tiny models without BPE files."""
-
-    vocab_size = 257
-    pad_id = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
-def tokenize(tokenizer, prompts: list[str], text_ctx: int, pad_id: int):
-    """GLIDE's text input: lowercased, no start/end tokens, truncated, padded with pad_id.
-
-    Returns (tokens [B, text_ctx] int32, mask [B, text_ctx] bool). An empty prompt is the null
-    condition (all padding). Too-long prompts are truncated with a warning.
-    """
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
-    tokens = np.full((len(prompts), text_ctx), pad_id, np.int32)
-    mask = np.zeros((len(prompts), text_ctx), bool)
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt {i} is {type(prompt).__name__}, not str")
-        ids = tokenizer.encode(prompt.lower())
-        if len(ids) > text_ctx:
-            log.warning("prompt %d has %d tokens; truncated to %d: %r", i, len(ids), text_ctx,
-                        prompt)  # fmt: skip
-            ids = ids[:text_ctx]
-        tokens[i, : len(ids)] = ids
-        mask[i, : len(ids)] = True
-    return jnp.asarray(tokens), jnp.asarray(mask)
 
 
 def _apply(model: GlideUNet, params, x, t, cond):
@@ -133,7 +100,7 @@ class GlidePipeline:
 
     def _tokens(self, stage: GlideStage, prompts):
         pad = stage.model.text.vocab_size - 1 if self.pad_id is None else self.pad_id
-        return tokenize(self.tokenizer, prompts, stage.model.text.text_ctx, pad)
+        return glide_tokenize(self.tokenizer, prompts, stage.model.text.text_ctx, pad)
 
     def __call__(self, prompts: list[str], rng, *, guidance_scale=3.0, base_respacing="100",
                  base_sampler="ddpm", upsample_respacing="fast27", upsample_sampler="ddim",

@@ -1,8 +1,9 @@
 """The registry of model kinds the shared training loop can train.
 
 A kind supplies `init(rng) -> boxed params`, `loss_fn(params, batch, rng) -> (loss, metrics)` and
-`data(host_batch_size, process_index) -> iterator` of host-local NumPy batches whose
-`get_state()`/`set_state()` make the data order resumable.
+`data(global_batch, process_index, process_count) -> iterator` of this process's NumPy batches
+(global_batch // process_count examples) whose `get_state()`/`set_state()` (JSON-able) make the
+data order resumable.
 """
 
 from __future__ import annotations
@@ -25,4 +26,57 @@ def get_kind(config) -> ModelKind:
         from unclip_jax.demo import toy2d
 
         return toy2d.model_kind(config)
-    raise ValueError(f"unknown model kind {kind!r}; this version trains: toy2d")
+    if kind == "glide":
+        return glide_kind(config)
+    raise ValueError(f"unknown model kind {kind!r}; this version trains: toy2d, glide")
+
+
+def glide_kind(config) -> ModelKind:
+    """GLIDE base / inpaint / upsampler on a tfds dataset (config.data), captions tokenised."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from unclip_jax import diffusion
+    from unclip_jax.data import loader, shapes_builder
+    from unclip_jax.models.glide import glide_from_config
+    from unclip_jax.tokenizers import ByteTokenizer
+    from unclip_jax.train.glide import glide_loss
+
+    model = glide_from_config(config.model, dtype=jnp.dtype(config.model.get("dtype", "float32")))
+    table = diffusion.diffusion_from_config(config.diffusion)
+    text, size = config.model.text, config.model.unet.image_size
+    if config.data.tokenizer != "bytes":
+        raise ValueError(f"data.tokenizer {config.data.tokenizer!r}: only 'bytes' is wired up "
+                         "for training so far")  # fmt: skip
+    tokenizer = ByteTokenizer()
+    if text.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"a byte tokenizer needs vocab_size >= 257, the model has "
+                         f"{text.vocab_size}")  # fmt: skip
+    low = config.model.get("low_res_size")
+
+    def init(rng):
+        batch = 1
+        extra = {}
+        if low is not None:
+            extra["low_res"] = jnp.zeros((batch, low, low, 3))
+        return model.init(rng, jnp.zeros((batch, size, size, 3)), jnp.zeros((batch,), jnp.int32),
+                          jnp.zeros((batch, text.text_ctx), jnp.int32),
+                          jnp.ones((batch, text.text_ctx), bool), **extra)["params"]  # fmt: skip
+
+    loss_fn = functools.partial(glide_loss, model=model, table=table,
+                                caption_drop=config.train.caption_drop, pad_id=text.pad_id,
+                                low_res_size=low)  # fmt: skip
+
+    def data(global_batch, process_index, process_count):
+        if config.data.name != "shapes":
+            raise ValueError(f"data.name {config.data.name!r}: only 'shapes' is wired up so far")
+        builder = shapes_builder.build_shapes(config.data.dir, config.data.config)
+        source = builder.as_data_source(config.data.split)
+        grain_loader = loader.make_loader(
+            source, global_batch=global_batch, seed=config.seed, image_size=size,
+            process_index=process_index, process_count=process_count,
+        )  # fmt: skip
+        return loader.TokenizedBatches(grain_loader, tokenizer, text.text_ctx, text.pad_id)
+
+    return ModelKind(init=init, loss_fn=loss_fn, data=data)

@@ -75,7 +75,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if global_batch % jax.process_count():
         raise ValueError(f"batch size {global_batch} does not split over "
                          f"{jax.process_count()} processes")  # fmt: skip
-    data = kind.data(global_batch // jax.process_count(), jax.process_index())
+    data = kind.data(global_batch, jax.process_index(), jax.process_count())
     start = 0
     if ckpt.latest_step() is not None:
         start = ckpt.latest_step()
