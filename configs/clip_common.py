@@ -66,7 +66,7 @@ def model(text_cfg, vision_cfg, projection_dim, *, dtype="bfloat16", remat=False
 def optim(lr, batch_size=32768, steps=None, weight_decay=0.2):
     """CLIP paper Table 19: AdamW (0.9, 0.98, 1e-6), decay 0.2, 2000 warmup steps, cosine decay,
     32 epochs of 400M pairs at batch 32,768 (~390K steps). Keys as train.state.make_optimizer
-    reads them; unclip_jax.train.clip.clip_optimizer adds CLIP's no-decay-on-gains mask."""
+    reads them, with CLIP's no-decay-on-gains-and-biases mask (decay_matrices_only)."""
     c = ml_collections.ConfigDict()
     c.batch_size = batch_size
     c.steps = steps if steps is not None else 32 * 400_000_000 // batch_size
@@ -76,6 +76,7 @@ def optim(lr, batch_size=32768, steps=None, weight_decay=0.2):
     c.b2 = 0.98
     c.eps = 1e-6
     c.weight_decay = weight_decay
+    c.decay_matrices_only = True
     c.warmup_steps = 2000
     c.schedule = "cosine"
     c.grad_clip = 0.0  # none in the paper

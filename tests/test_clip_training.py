@@ -17,6 +17,7 @@ from unclip_jax.models.clip import clip_from_config, l2_normalize, normalize_ima
 from unclip_jax.models.clip_guidance import ClipGuidance, clip_guidance_cond
 from unclip_jax.tokenizers import train_bpe
 from unclip_jax.train import clip as clip_train
+from unclip_jax.train.state import make_optimizer
 from unclip_jax.train.step import make_train_step
 
 COLORS = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "yellow": (1, 1, -1)}
@@ -98,7 +99,7 @@ def test_tiny_clip_learns_captioned_shapes(tokenizer):
     model = clip_from_config(config.model)
     # The shared train step (train/step.py) with CLIP's optimizer. An rbg key: the same init
     # compiles 2-3x faster on CPU than with threefry.
-    tx, schedule = clip_train.clip_optimizer(config.optim)
+    tx, schedule = make_optimizer(config.optim)
     state = clip_train.init_train_state(model, tx, jax.random.key(0, impl="unsafe_rbg"))
     loss_fn = clip_train.make_clip_loss(model)
     step = jax.jit(make_train_step(loss_fn, tx, schedule, ema_decay=config.optim.ema_decay),
@@ -138,7 +139,7 @@ def test_noised_clip_trains_and_guides_the_sampler(tokenizer):
     config = load_config("noised_clip_b64:tiny")
     model = clip_from_config(config.model)
     table = d.create_diffusion(config.diffusion.schedule, config.diffusion.num_timesteps)
-    tx, schedule = clip_train.clip_optimizer(config.optim)
+    tx, schedule = make_optimizer(config.optim)
     state = clip_train.init_train_state(model, tx, jax.random.key(0, impl="unsafe_rbg"))
     loss_fn = clip_train.make_noised_clip_loss(model, table)
     step = jax.jit(make_train_step(loss_fn, tx, schedule, ema_decay=config.optim.ema_decay),

@@ -20,7 +20,7 @@ def test_tiny_glide_trains_on_shapes(tmp_path):
     assert last < 0.7 * first, (first, last)
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", enable_async=False)
     assert ckpt.latest_step() == 30
-    _, saved_config, data_state = ckpt.restore_unsharded()
+    _, saved_config, data_state = ckpt.restore()
     ckpt.close()
     assert saved_config["kind"] == "glide" and "grain" in data_state
 

@@ -27,7 +27,7 @@ def command(workdir, *extra):
 def final_params(workdir):
     ckpt = Checkpointer(workdir / "checkpoints", enable_async=False)
     step = ckpt.latest_step()
-    state, _, data = ckpt.restore_unsharded(step)
+    state, _, data = ckpt.restore(step)
     ckpt.close()
     return step, jax.tree.map(np.asarray, state["params"]), data
 
@@ -106,3 +106,16 @@ def test_bad_training_configs_are_named(tmp_path, bad):
     config = config_utils.load_config("toy2d:tiny", [bad])
     with pytest.raises(ValueError, match="needs 3 devices|unknown sharding preset"):
         train(config, tmp_path)
+
+
+def test_a_run_of_nonfinite_steps_stops_training(tmp_path):
+    """lr 1e30 sends the params to ~1e30 after one step; every later loss is non-finite and
+    skipped, so the run stops once max_nonfinite_in_row of them follow each other."""
+    from unclip_jax.train.loop import TrainingDiverged, train
+
+    config = config_utils.load_config("toy2d:tiny", ["optim.lr=1e30", "optim.grad_clip=0.0",
+                                                     "train.max_nonfinite_in_row=7"])  # fmt: skip
+    with pytest.raises(TrainingDiverged, match="non-finite steps in a row"):
+        train(config, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["skipped_total"] >= 7 and lines[-1]["step"] < 40

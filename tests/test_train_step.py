@@ -153,3 +153,16 @@ def test_ema_warmup_and_schedule():
     np.testing.assert_allclose([cosine(0), cosine(50), cosine(100)], [1.0, 0.5, 0.0], atol=1e-6)
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         make_optimizer(ml_collections.ConfigDict(dict(lr=1.0, schedule="step")))
+
+
+def test_decay_matrices_only_spares_gains_and_biases():
+    """With zero gradients only the decay moves params: matrices shrink, 1-D tensors do not."""
+    cfg = dict(lr=0.1, weight_decay=0.5, schedule="constant", decay_matrices_only=True)
+    tx, _ = make_optimizer(ml_collections.ConfigDict(cfg))
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.05)
+    np.testing.assert_allclose(updates["bias"], 0.0)
+    tx_all, _ = make_optimizer(ml_collections.ConfigDict(dict(cfg, decay_matrices_only=False)))
+    updates, _ = tx_all.update(jax.tree.map(jnp.zeros_like, params), tx_all.init(params), params)
+    np.testing.assert_allclose(updates["bias"], -0.05)

@@ -51,11 +51,12 @@ class Checkpointer:
             log.info("checkpoint %d started in %s", step, self.directory)
         return saved
 
-    def restore(self, step: int | None, abstract_state):
-        """(state, config, data_state) of `step` (latest if None) onto `abstract_state`.
+    def restore(self, step: int | None = None, abstract_state=None):
+        """(state, config, data_state) of `step` (latest if None).
 
         abstract_state: the state as ShapeDtypeStructs carrying the target shardings (the mesh
-        may differ from the one that saved).
+        may differ from the one that saved). None restores plain arrays as saved: for
+        inspection, sampling on one host, and tests.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -64,22 +65,6 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                config=ocp.args.JsonRestore(),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"], restored["config"], restored["data"]
-
-    def restore_unsharded(self, step: int | None = None):
-        """(state as a tree of arrays, config, data_state) without a target: for inspection,
-        sampling on one host, and tests."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(),
                 config=ocp.args.JsonRestore(),
                 data=ocp.args.JsonRestore(),
             ),

@@ -154,6 +154,7 @@ def model_kind(config):
         ]
 
     loss = functools.partial(toy_loss, module=module, table=table, cond_drop=config.optim.cond_drop)
+
     def data(global_batch, process_index, process_count):
         return ToyData(config, global_batch // process_count, process_index)
 

@@ -8,7 +8,7 @@ pmap-era code needed). XLA inserts the collectives.
 Loss functions have the signature of the shared train step (train/step.py), `loss_fn(params,
 batch, rng) -> (loss, metrics)`:
 
-    tx, schedule = clip_optimizer(config.optim)
+    tx, schedule = make_optimizer(config.optim)  # CLIP configs set decay_matrices_only
     state = init_train_state(model, tx, rng)
     step = jax.jit(make_train_step(make_clip_loss(model), tx, schedule), donate_argnums=0)
 
@@ -27,7 +27,7 @@ import optax
 
 from unclip_jax.diffusion import DiffusionTable, q_sample, sample_timesteps
 from unclip_jax.models.clip import CLIP, init_params, l2_normalize
-from unclip_jax.train.state import TrainState, make_schedule
+from unclip_jax.train.state import TrainState
 
 LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -115,27 +115,6 @@ def _need_both(model: CLIP) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Optimizer and state for the shared train step (train/step.py).
-
-
-def clip_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """CLIP's AdamW (paper, Table 19), as (tx, schedule) like train.state.make_optimizer.
-
-    `optim`: lr, b1, b2, eps, weight_decay, grad_clip (0 = off), warmup_steps, schedule,
-    total_steps. Unlike make_optimizer, weight decay skips gains, biases, the class token and
-    the logit scale (every tensor with fewer than two dimensions), as OpenAI's training did.
-    """
-    schedule = make_schedule(optim)
-    adam = optax.adamw(
-        schedule,
-        b1=float(optim.b1),
-        b2=float(optim.b2),
-        eps=float(optim.eps),
-        weight_decay=float(optim.weight_decay),
-        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
-    )
-    clip = float(optim.get("grad_clip", 0.0))
-    tx = optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
-    return tx, schedule
 
 
 def init_train_state(model: CLIP, tx: optax.GradientTransformation, rng) -> TrainState:

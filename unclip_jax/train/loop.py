@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from unclip_jax import parallel
 from unclip_jax.checkpoint import Checkpointer, abstract_like
+from unclip_jax.data import loader
 from unclip_jax.train.kinds import get_kind
 from unclip_jax.train.state import TrainState, make_optimizer
 from unclip_jax.train.step import compile_train_step, make_train_step
@@ -43,10 +44,6 @@ class _Preemption:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def train(config, workdir: str | pathlib.Path) -> dict:
@@ -92,8 +89,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         log.info("initialised params from %s", ckpt_cfg.init_from)
 
     # ---------------------------------------------------------------- the compiled step
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-    first = _global_batch(next(data), batch_sharding)
+    batch_sharding = loader.batch_sharding(mesh)
+    first = loader.to_global(next(data), batch_sharding)
     step_fn = make_train_step(kind.loss_fn, tx, schedule, ema_decay=config.optim.ema_decay,
                               accum_steps=config.optim.get("accum_steps", 1))  # fmt: skip
     replicated = NamedSharding(mesh, P())
@@ -107,30 +104,36 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     total = config.optim.steps
     metrics_path = workdir / "metrics.jsonl"
     preemption = _Preemption()
-    last_log, last_skipped, metrics = time.perf_counter(), int(state.skipped), {}
-    step = start
+    last_log, last_logged, metrics = time.perf_counter(), start, {}
+    # Per-step non-finite flags stay on device until the next log step (one transfer), where the
+    # host extends the current run of consecutive skipped steps.
+    pending_flags, nonfinite_run = [], 0
+    done = start
     try:
         for step in range(start, total):
-            batch = first if step == start else _global_batch(next(data), batch_sharding)
+            batch = first if step == start else loader.to_global(next(data), batch_sharding)
             state, metrics = compiled(state, batch, rng)
+            pending_flags.append(metrics["nonfinite_step"])
             done = step + 1
             if done % config.train.log_every == 0 or done == total:
+                for flag in jax.device_get(pending_flags):
+                    nonfinite_run = nonfinite_run + 1 if flag else 0
+                pending_flags = []
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
-                host.update(step=done, steps_per_s=config.train.log_every / (now - last_log),
+                host.update(step=done, steps_per_s=(done - last_logged) / (now - last_log),
                             skipped_total=int(state.skipped))  # fmt: skip
                 host["examples_per_s"] = host["steps_per_s"] * global_batch
-                last_log = now
+                last_log, last_logged = now, done
                 if is_main:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(host) + "\n")
                     log.info("step %d loss %.4f", done, host["loss"])
-                skipped = host["skipped_total"] - last_skipped
-                last_skipped = host["skipped_total"]
-                if skipped >= config.train.max_nonfinite_in_row:
+                if nonfinite_run >= config.train.max_nonfinite_in_row:
                     raise TrainingDiverged(
-                        f"{skipped} non-finite steps before step {done}; stopping. The last good "
-                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}"
+                        f"{nonfinite_run} non-finite steps in a row up to step {done}; stopping. "
+                        f"Skipped steps leave the params unchanged; the last checkpoint is step "
+                        f"{ckpt.latest_step()} in {ckpt.directory}"
                     )
             preempted = preemption.requested or ckpt.reached_preemption(done)
             if done % ckpt_cfg.save_every == 0 or done == total or preempted:
@@ -138,11 +141,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                           data_state=data.get_state(), force=True)  # fmt: skip
             if preempted:
                 log.warning("stopped at step %d after preemption", done)
-                step = done
                 break
-        else:
-            step = total
     finally:
         preemption.restore()
         ckpt.close()
-    return {"step": step, "metrics": jax.device_get(metrics), "workdir": str(workdir)}
+    return {"step": done, "metrics": jax.device_get(metrics), "workdir": str(workdir)}

@@ -59,10 +59,16 @@ def make_schedule(optim) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+def _matrices(params):
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
 def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with decoupled weight decay and global-norm clipping, from a config's `optim`.
 
-    optim: lr, b1, b2, eps, weight_decay, grad_clip (0 = off), warmup_steps, schedule.
+    optim: lr, b1, b2, eps, weight_decay, grad_clip (0 = off), warmup_steps, schedule, and
+    decay_matrices_only (default False): decay only tensors of 2+ dimensions, sparing gains,
+    biases, class tokens and the logit scale (CLIP's recipe).
     """
     schedule = make_schedule(optim)
     parts = []
@@ -75,6 +81,7 @@ def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]
             b2=float(optim.get("b2", 0.999)),
             eps=float(optim.get("eps", 1e-8)),
             weight_decay=float(optim.get("weight_decay", 0.0)),
+            mask=_matrices if optim.get("decay_matrices_only", False) else None,
         )
     )
     return optax.chain(*parts), schedule
