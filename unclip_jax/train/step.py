@@ -9,6 +9,7 @@ compiles it ahead of time.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import jax
@@ -106,8 +107,6 @@ def compile_train_step(step, state, batch, rng, *, state_shardings=None, batch_s
     `state` and `batch` may be arrays or ShapeDtypeStructs. Logs compile time and the memory
     analysis. Returns the compiled executable: call it as compiled(state, batch, rng).
     """
-    import time
-
     jitted = jax.jit(
         step,
         in_shardings=None
