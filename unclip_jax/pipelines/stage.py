@@ -1,0 +1,85 @@
+"""One diffusion stage of a cascade: a network's model_fn, its params and its diffusion config.
+
+A stage samples (any sampler of the diffusion core) and inverts (DDIM) batches whose per-example
+conditioning travels in `cond`; the unCLIP pipeline and its manipulations compose stages on the
+host (DESIGN 7). Batches are sharded along `data` when a mesh is given.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from unclip_jax import diffusion
+
+
+@dataclass(eq=False)
+class DiffusionStage:
+    """model_fn(params, x, t_model, cond) -> output, for samples of shape [B, *sample_shape].
+
+    `model_fn` must be the same function object on every call (the samplers take it as a static
+    argument); build it once, e.g. with functools.partial over the module.
+    """
+
+    model_fn: Callable
+    params: Any
+    diffusion: Any  # ConfigDict: schedule, num_timesteps, mean/var/loss type
+    sample_shape: tuple[int, ...]
+    clip_denoised: bool = True
+    clip_range: float = 1.0
+    denoised_fn: Callable | None = None
+
+    def table(self, respacing):
+        return diffusion.diffusion_from_config(self.diffusion, respacing)
+
+    def _place(self, mesh, batch, x, cond, null_cond, guidance_scale):
+        """Per-example inputs along `data` (when a mesh is given); returns sampler kwargs."""
+        kwargs = dict(null_cond=null_cond, guidance_scale=guidance_scale)
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = jnp.broadcast_to(
+                jnp.asarray(guidance_scale, jnp.float32), (batch,)
+            )
+        if mesh is None:
+            return x, cond, kwargs
+        sharding = NamedSharding(mesh, P("data"))
+        put = functools.partial(jax.device_put, device=sharding)
+        kwargs = {k: None if v is None else jax.tree.map(put, v) for k, v in kwargs.items()}
+        kwargs["sharding"] = sharding
+        return put(x), jax.tree.map(put, cond), kwargs
+
+    def sample(self, cond, rng, *, batch: int, respacing, sampler: str = "ddpm", null_cond=None,
+               guidance_scale=None, x_T=None, temperature: float = 1.0, eta: float = 0.0,
+               mesh=None):  # fmt: skip
+        """Samples [B, *sample_shape]; x_T (e.g. from `invert`) replaces the initial noise."""
+        k_noise, k_sample = jax.random.split(rng)
+        if x_T is None:
+            x_T = diffusion.noise_like(k_noise, (batch,) + tuple(self.sample_shape), temperature)
+        elif x_T.shape != (batch,) + tuple(self.sample_shape):
+            raise ValueError(f"x_T has shape {x_T.shape}, expected "
+                             f"{(batch,) + tuple(self.sample_shape)}")  # fmt: skip
+        x_T, cond, kwargs = self._place(mesh, batch, x_T, cond, null_cond, guidance_scale)
+        kwargs.update(clip_denoised=self.clip_denoised, clip_range=self.clip_range,
+                      denoised_fn=self.denoised_fn)  # fmt: skip
+        if sampler == "ddim":
+            kwargs["eta"] = eta
+        return diffusion.sample(sampler, self.model_fn, self.table(respacing), self.params, x_T,
+                                k_sample, cond, **kwargs)  # fmt: skip
+
+    def invert(self, x_0, cond, *, respacing, null_cond=None, guidance_scale=None,
+               fixed_point_iters: int = 0, mesh=None):  # fmt: skip
+        """DDIM inversion of data x_0 [B, *sample_shape] to the x_T that DDIM (eta 0) decodes back
+        to x_0 with the same conditioning and respacing."""
+        batch = x_0.shape[0]
+        x_0, cond, kwargs = self._place(mesh, batch, x_0, cond, null_cond, guidance_scale)
+        return diffusion.ddim_reverse_sample_loop(
+            self.model_fn, self.table(respacing), self.params, x_0, cond,
+            clip_denoised=self.clip_denoised, clip_range=self.clip_range,
+            denoised_fn=self.denoised_fn, fixed_point_iters=fixed_point_iters, **kwargs,
+        )  # fmt: skip
