@@ -63,12 +63,29 @@ def _matrices(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _frozen_labels(names):
+    """A labels function for optax.multi_transform: "frozen" for params with a key in `names`."""
+    names = frozenset(names)
+
+    def labels(params):
+        def label(path, _):
+            keys = {getattr(p, "key", None) for p in path}
+            return "frozen" if keys & names else "train"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    return labels
+
+
 def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with decoupled weight decay and global-norm clipping, from a config's `optim`.
 
     optim: lr, b1, b2, eps, weight_decay, grad_clip (0 = off), warmup_steps, schedule, and
     decay_matrices_only (default False): decay only tensors of 2+ dimensions, sparing gains,
     biases, class tokens and the logit scale (CLIP's recipe).
+    frozen_params (default none): parameter names (any key on the path, e.g. "clip_mean") that
+    never change: their updates are zero (no Adam step, no weight decay), as for the diffusion
+    prior's stored dataset statistics.
     """
     schedule = make_schedule(optim)
     parts = []
@@ -84,4 +101,9 @@ def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]
             mask=_matrices if optim.get("decay_matrices_only", False) else None,
         )
     )
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    frozen = tuple(optim.get("frozen_params", ()) or ())
+    if frozen:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   _frozen_labels(frozen))  # fmt: skip
+    return tx, schedule

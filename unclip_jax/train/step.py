@@ -74,7 +74,7 @@ def make_train_step(
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, ema_decay, ema_warmup)
-        new_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params,
+        new_ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), state.ema_params,
                                new_params)  # fmt: skip
 
         def keep(new, old):
