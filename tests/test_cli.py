@@ -41,3 +41,25 @@ def test_user_errors_exit_2_with_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def _one_error_line(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_sample_user_errors(tmp_path, capsys):
+    missing = tmp_path / "no_run"
+    line = _one_error_line(capsys, ["sample", "--base", str(missing), "a red circle"])
+    assert f"no run at {missing}" in line
+    assert "no prompts" in _one_error_line(capsys, ["sample", "--base", str(missing)])
+    (tmp_path / "checkpoints").mkdir()
+    line = _one_error_line(capsys, ["sample", "--base", str(tmp_path), "a red circle"])
+    assert "no checkpoint in" in line
+    # A guidance scale that is not a number: argparse's usage error, exit code 2.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sample", "--base", str(tmp_path), "x", "--guidance", "strong"])
+    assert exc.value.code == 2
+    assert "invalid float value: 'strong'" in capsys.readouterr().err

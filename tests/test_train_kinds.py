@@ -4,8 +4,9 @@ loss and writes checkpoints and metrics."""
 import json
 
 import pytest
+from PIL import Image
 
-from unclip_jax import config_utils
+from unclip_jax import cli, config_utils
 from unclip_jax.checkpoint import Checkpointer
 from unclip_jax.train.loop import train
 
@@ -23,6 +24,17 @@ def test_tiny_glide_trains_on_shapes(tmp_path):
     _, saved_config, data_state = ckpt.restore()
     ckpt.close()
     assert saved_config["kind"] == "glide" and "grain" in data_state
+
+    # The trained run samples from the command line: grid, one PNG per image, a JSON record.
+    out = tmp_path / "samples"
+    argv = ["sample", "--base", str(tmp_path / "run"), "a red circle", "a blue square",
+            "--steps", "4", "--guidance", "1", "3", "--seed", "7", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["prompts"] == ["a red circle", "a blue square"] and record["seed"] == 7
+    assert record["guidance"] == [1.0, 3.0] and len(record["images"]) == 2
+    with Image.open(out / "grid.png") as grid, Image.open(record["images"][0]) as first:
+        assert first.size == (16, 16) and grid.size[0] > 2 * 16
 
 
 def test_unwired_choices_are_named(tmp_path):

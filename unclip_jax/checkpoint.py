@@ -87,3 +87,26 @@ def abstract_like(tree, shardings):
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def load_run(path: str | pathlib.Path, *, ema: bool = True, step: int | None = None):
+    """(config ConfigDict, params) of a training run, for sampling on this host.
+
+    `path` is a run's workdir (holding checkpoints/) or a checkpoint folder itself; the EMA params
+    are returned unless ema=False. Errors name the path when nothing is there.
+    """
+    import ml_collections
+
+    path = pathlib.Path(path)
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no run at {path} (expected a workdir with checkpoints/)")
+    ckpt = Checkpointer(folder, enable_async=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {folder}")
+        state, config, _ = ckpt.restore(step)
+    finally:
+        ckpt.close()
+    params = state["ema_params" if ema else "params"]
+    return ml_collections.ConfigDict(config), params

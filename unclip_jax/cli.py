@@ -53,6 +53,63 @@ def _cmd_train(args) -> None:
     print(f"trained to step {summary['step']}; checkpoints and metrics.jsonl in {args.workdir}")
 
 
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        path = pathlib.Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"prompt file not found: {path}")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompts: give them as arguments or with --prompts FILE")
+    return [p for p in prompts for _ in range(args.per_prompt)]
+
+
+def _scales(values, count: int, what: str):
+    """One guidance scale, or one per prompt."""
+    if len(values) not in (1, count):
+        raise UserError(f"{what}: give one scale or one per prompt ({count}), got {len(values)}")
+    return [values[0]] * count if len(values) == 1 else list(values)
+
+
+def _cmd_sample(args) -> None:
+    import jax
+    import numpy as np
+
+    from unclip_jax.pipelines.outputs import save_samples
+
+    prompts = _read_prompts(args)
+    rng = jax.random.key(args.seed)
+    start = time.perf_counter()
+    if args.pipeline == "glide":
+        from unclip_jax.pipelines.glide import pipeline_from_runs
+
+        if not args.base:
+            raise UserError("--pipeline glide needs --base RUN (a GLIDE base run folder)")
+        pipe = pipeline_from_runs(args.base, args.upsampler)
+        scales = _scales(args.guidance or [3.0], len(prompts), "--guidance")
+        out = pipe(prompts, rng, guidance_scale=np.asarray(scales, np.float32),
+                   base_respacing=str(args.steps or 100), base_sampler=args.sampler)  # fmt: skip
+        record = dict(pipeline="glide", base=args.base, upsampler=args.upsampler,
+                      sampler=args.sampler, steps=args.steps or 100, guidance=scales)  # fmt: skip
+    else:
+        from unclip_jax.pipelines import unclip
+
+        out, record = unclip.sample_from_args(args, prompts, rng)
+    images = jax.device_get(out["images"])
+    record.update(prompts=prompts, seed=args.seed, seconds=time.perf_counter() - start)
+    paths = save_samples(args.out, images, record)
+    print(f"wrote {len(images)} images: {paths['grid']}, {paths['record']}")
+
+
+def _add_sample_args(parser) -> None:
+    parser.add_argument("prompt", nargs="*", help="prompts (or --prompts FILE, one per line)")
+    parser.add_argument("--prompts", help="a text file with one prompt per line")
+    parser.add_argument("--per-prompt", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (recorded)")
+    parser.add_argument("--out", default="outputs/samples", help="output folder")
+
+
 def _add_config_args(parser, default=None) -> None:
     parser.add_argument("--config", required=default is None, default=default,
                         help="config file or name[:variant], e.g. toy2d:tiny")  # fmt: skip
@@ -96,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--workdir", required=True, help="run folder (resumed if it holds one)")
     train.set_defaults(func=_cmd_train)
+
+    sample = sub.add_parser(
+        "sample",
+        help="text to images with a GLIDE or unCLIP pipeline from trained runs",
+        description="Sample images for prompts; writes grid.png, images/*.png and record.json "
+        "(every setting and seed) to --out.",
+    )
+    _add_sample_args(sample)
+    sample.add_argument("--pipeline", choices=("glide", "unclip"), default="glide")
+    sample.add_argument("--base", help="GLIDE: the base model's run folder")
+    sample.add_argument("--upsampler", help="GLIDE: an upsampler run folder (optional)")
+    sample.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm",
+                        help="sampler of the base/decoder stage")  # fmt: skip
+    sample.add_argument("--steps", type=int, help="respaced steps of the base/decoder stage")
+    sample.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
+                        help="classifier-free guidance of the base/decoder stage: one scale "
+                        "or one per prompt")  # fmt: skip
+    sample.set_defaults(func=_cmd_sample)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def area_downsample(images, size: int):
@@ -42,3 +43,53 @@ def random_crop(rng, images, size: int):
         return jax.lax.dynamic_slice(image, (y, x, 0), (size, size, c))
 
     return jax.vmap(crop)(images, ys, xs)
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] float images -> uint8 NumPy (the 8-bit levels of quantize_8bit)."""
+    images = np.asarray(images, np.float32)
+    if images.ndim not in (3, 4) or images.shape[-1] not in (1, 3):
+        raise ValueError(f"expected images [B, H, W, 1 or 3] or [H, W, C], got {images.shape}")
+    return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def make_grid(images, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """[B, H, W, C] in [-1, 1] -> one uint8 [rows, cols] grid image with `pad` white pixels."""
+    images = to_uint8(images)
+    b, h, w, c = images.shape
+    ncol = ncol or int(np.ceil(np.sqrt(b)))
+    nrow = int(np.ceil(b / ncol))
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path) -> None:
+    """Write one uint8 [H, W, C] array (or a [-1, 1] float one) as a PNG, creating folders."""
+    import pathlib
+
+    from PIL import Image
+
+    if image.dtype != np.uint8:
+        image = to_uint8(image)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def load_image(path, size: int | None = None) -> np.ndarray:
+    """An RGB image file -> float32 [H, W, 3] in [-1, 1], optionally resized (bicubic) to size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            array = np.asarray(im, np.float32)
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    return array / 127.5 - 1.0

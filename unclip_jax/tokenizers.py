@@ -250,3 +250,12 @@ def glide_tokenize(tokenizer, prompts: list[str], text_ctx: int, pad_id: int, *,
         tokens[i, : len(ids)] = ids
         mask[i, : len(ids)] = True
     return tokens, mask
+
+
+def glide_tokenizer_from_config(data_config):
+    """The tokenizer a GLIDE-style config's data section names (only "bytes" is offline here)."""
+    name = data_config.get("tokenizer", "bytes")
+    if name == "bytes":
+        return ByteTokenizer()
+    raise ValueError(f"tokenizer {name!r} is not available offline; GLIDE-style models here use "
+                     "'bytes' (the released GPT-2 BPE files are not bundled)")  # fmt: skip

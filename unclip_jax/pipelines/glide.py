@@ -155,3 +155,29 @@ class GlidePipeline:
                 temperature=upsample_temperature, inpaint=inpaint, mesh=mesh,
             )  # fmt: skip
         return out
+
+
+def stage_from_run(path) -> tuple[GlideStage, object]:
+    """(GlideStage, config) from a training run's workdir (its config and EMA params)."""
+    from unclip_jax.checkpoint import load_run
+    from unclip_jax.models.glide import glide_from_config
+
+    config, params = load_run(path)
+    if config.get("kind") != "glide":
+        raise ValueError(f"{path} is a {config.get('kind')!r} run, not a GLIDE one")
+    return GlideStage(glide_from_config(config.model), params, config.diffusion), config
+
+
+def pipeline_from_runs(base, upsampler=None) -> GlidePipeline:
+    """GlidePipeline from run folders: the base (and an optional upsampler) with their tokenizer."""
+    from unclip_jax.tokenizers import glide_tokenizer_from_config
+
+    base_stage, config = stage_from_run(base)
+    up_stage = None
+    if upsampler is not None:
+        up_stage, _ = stage_from_run(upsampler)
+        if "upsample" not in up_stage.model.mode:
+            raise ValueError(f"{upsampler} holds a {up_stage.model.mode!r} model, not an "
+                             "upsampler")  # fmt: skip
+    return GlidePipeline(base_stage, glide_tokenizer_from_config(config.data), up_stage,
+                         pad_id=config.model.text.pad_id)  # fmt: skip

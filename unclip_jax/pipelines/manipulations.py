@@ -1,7 +1,8 @@
 """unCLIP's image manipulations in the bipartite latent (z_i, x_T) (SPEC 3.6).
 
 - variations: z_i = CLIP image embedding, x_T = DDIM inversion of the image with the decoder
-  conditioned on z_i; decoding (z_i, x_T) with DDIM eta = 0 reconstructs the image, eta > 0 varies it.
+  conditioned on z_i; decoding (z_i, x_T) with DDIM eta = 0 reconstructs the image, eta > 0
+  varies it.
 - interpolations: z_theta = slerp(z_1, z_2, theta); x_T either slerped too (the endpoints then
   reconstruct both inputs) or one fixed random x_T for every theta.
 - text diffs: z_d = normalise(z_t - z_t0); z_theta = slerp(z_i, z_d, theta), theta from 0 to at
