@@ -26,10 +26,12 @@ $(VENV)/.stamp-parity: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.stamp-base
 	$(BIN)/unclip-jax demo
 
-## test: ruff, then pytest on 8 fake CPU devices (exit 5, "no tests collected", is not a failure)
+## test: ruff, then pytest on 8 fake CPU devices in TEST_WORKERS processes (XLA compiles on one
+## thread, so two workers use both cores); exit 5, "no tests collected", is not a failure
+TEST_WORKERS ?= 2
 test: $(VENV)/.stamp-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check .
