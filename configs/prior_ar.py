@@ -28,7 +28,8 @@ def get_config(arg=None):
         m.remat = True
     elif variant == "tiny":
         m.clip_dim = 32
-        m.vocab_size, m.text_ctx = 257, 16  # byte tokenizer (256 bytes + pad)
+        # The tiny CLIP's trained BPE (1024 ids) and context (16): the prior reads CLIP's token ids.
+        m.vocab_size, m.text_ctx = 1024, 16
         m.n_components, m.n_buckets, m.n_dot_bins = 16, 64, 16
         m.width, m.layers, m.heads = 64, 2, 2
         m.remat = False

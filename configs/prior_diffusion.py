@@ -49,9 +49,11 @@ def get_config(arg=None):
         c.model = model(768, 768, 77, 2048, 20, 32, "standardize", False)
         c.model.remat = True
     elif variant == "tiny":
-        c.model = model(16, 12, 6, 32, 2, 2, "l2", True)
+        # The tiny CLIP's sizes (configs/clip_common.py tiny_model): embedding 32, text width 64,
+        # context 16, so the tiny unCLIP stack composes.
+        c.model = model(32, 64, 16, 32, 2, 2, "l2", True)
     elif variant == "tiny_karlo":
-        c.model = model(16, 12, 6, 32, 2, 2, "standardize", False)
+        c.model = model(32, 64, 16, 32, 2, 2, "standardize", False)
     else:
         raise ValueError(f"unknown prior_diffusion variant {variant!r}: paper, karlo, tiny or "
                          "tiny_karlo")  # fmt: skip

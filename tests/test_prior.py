@@ -117,9 +117,9 @@ def test_parameter_counts_and_config_errors():
     assert 1.0e9 < prior_lib.count_params(paper) < 1.3e9  # "1B" (the paper's Table 3)
     tiny = prior_lib.prior_from_config(config_utils.load_config("prior_diffusion:tiny").model)
     cond = prior_lib.dummy_cond(tiny, 2)
-    bad = dict(cond, text_tokens=jnp.zeros((2, 5, 12)))
-    with pytest.raises(ValueError, match=r"text_tokens \[B, 6, 12\]"):
-        jax.eval_shape(lambda: tiny.init(jax.random.key(0), jnp.zeros((2, 16)), jnp.zeros(2), bad))
+    bad = dict(cond, text_tokens=jnp.zeros((2, 5, 64)))
+    with pytest.raises(ValueError, match=r"text_tokens \[B, 16, 64\]"):
+        jax.eval_shape(lambda: tiny.init(jax.random.key(0), jnp.zeros((2, 32)), jnp.zeros(2), bad))
     with pytest.raises(ValueError, match="needs a prior with learned_null"):
         jax.eval_shape(lambda: karlo.init(jax.random.key(0), jnp.zeros((1, 768)), jnp.zeros(1),
                                           prior_lib.dummy_cond(karlo, 1, null=True)))  # fmt: skip
