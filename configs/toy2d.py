@@ -53,6 +53,10 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict()
     c.train.log_every = 50
     c.train.max_nonfinite_in_row = 20
+    c.train.eval_every = 500  # held-out loss of params and EMA params (0: off)
+    c.train.eval_batches = 4
+    c.train.sample_every = 1000  # a PNG grid from the EMA params in workdir/samples (0: off)
+    c.train.tensorboard = True  # event files in workdir/tensorboard (tensorboardX)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.save_every = 500
@@ -64,6 +68,10 @@ def get_config(arg=None):
     c.sample.per_class = 64
     c.sample.guidance_scales = (0.0, 1.0, 2.0, 4.0)
     c.sample.samplers = (("ddpm", "100"), ("ddim", "ddim50"), ("dpm++2m", "20"))
+    # The training loop's sample grids (train.sample_every): one tile per class.
+    c.sample.grid_sampler = ("ddim", "ddim25")
+    c.sample.grid_per_class = 128
+    c.sample.grid_guidance = 2.0
 
     if arg == "tiny":
         c.model.hidden = 32
@@ -72,10 +80,15 @@ def get_config(arg=None):
         c.optim.steps_per_call = 20
         c.optim.batch_size = 64
         c.train.log_every = 5
+        c.train.eval_every = 20
+        c.train.eval_batches = 1
+        c.train.sample_every = 40
         c.ckpt.save_every = 10
         c.sample.per_class = 4
         c.sample.guidance_scales = (0.0, 3.0)
         c.sample.samplers = (("ddpm", "10"), ("ddim", "ddim10"), ("dpm++2m", "10"))
+        c.sample.grid_sampler = ("ddim", "ddim10")
+        c.sample.grid_per_class = 16
     elif arg is not None:
         raise ValueError(f"unknown toy2d variant {arg!r}; expected 'tiny' or none")
     return c

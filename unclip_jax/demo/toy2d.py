@@ -158,7 +158,10 @@ def model_kind(config):
     def data(global_batch, process_index, process_count):
         return ToyData(config, global_batch // process_count, process_index)
 
-    return ModelKind(init=init, loss_fn=loss, data=data)
+    from unclip_jax.train import hooks
+
+    return ModelKind(init=init, loss_fn=loss, data=data, eval_data=hooks.toy2d_eval_data(config),
+                     sample=hooks.toy2d_sample(config))  # fmt: skip
 
 
 def model_fn(params, x, t, cond, *, module):

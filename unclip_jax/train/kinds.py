@@ -17,10 +17,21 @@ class ModelKind:
     init: Callable
     loss_fn: Callable
     data: Callable
+    # Optional: (global_batch, process_index, process_count) -> this process's held-out batches,
+    # read afresh at every evaluation (train.eval_every).
+    eval_data: Callable | None = None
+    # Optional: (ema_params, rng) -> images [N, H, W, 3] in [-1, 1] (train.sample_every).
+    sample: Callable | None = None
 
 
-def get_kind(config) -> ModelKind:
-    """The ModelKind named by config.kind."""
+KINDS = ("toy2d", "glide", "clip", "prior", "ar_prior", "decoder", "upsampler")
+
+
+def get_kind(config, workdir=None) -> ModelKind:
+    """The ModelKind named by config.kind (`workdir`: where a kind keeps run files such as the
+    CLIP tokenizer or the AR prior's codec)."""
+    from unclip_jax.train import unclip_kinds
+
     kind = config.get("kind")
     if kind == "toy2d":
         from unclip_jax.demo import toy2d
@@ -28,7 +39,19 @@ def get_kind(config) -> ModelKind:
         return toy2d.model_kind(config)
     if kind == "glide":
         return glide_kind(config)
-    raise ValueError(f"unknown model kind {kind!r}; this version trains: toy2d, glide")
+    if kind in ("clip", "ar_prior") and workdir is None:
+        raise ValueError(f"a {kind!r} run keeps files in its workdir: pass workdir")
+    if kind == "clip":
+        return unclip_kinds.clip_kind(config, workdir)
+    if kind == "prior":
+        return unclip_kinds.prior_kind(config)
+    if kind == "ar_prior":
+        return unclip_kinds.ar_prior_kind(config, workdir)
+    if kind == "decoder":
+        return unclip_kinds.decoder_kind(config)
+    if kind == "upsampler":
+        return unclip_kinds.upsampler_kind(config)
+    raise ValueError(f"unknown model kind {kind!r}; this version trains: {', '.join(KINDS)}")
 
 
 def glide_kind(config) -> ModelKind:

@@ -1,7 +1,9 @@
 """The training loop shared by every model kind: `train(config, workdir)`.
 
 Reads top to bottom: mesh and rules, the sharded state, resume (workdir > init_from > scratch),
-the AOT-compiled step, then the loop with metrics, checkpoints and preemption handling.
+the AOT-compiled step, then the loop with metrics, held-out loss, sample grids, checkpoints and
+preemption handling. Multi-host runs call `parallel.distributed.initialize()` before this; every
+process runs the same loop, and only process 0 writes metrics, logs and samples (metrics.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from jax.sharding import PartitionSpec as P
 from unclip_jax import parallel
 from unclip_jax.checkpoint import Checkpointer, abstract_like
 from unclip_jax.data import loader
+from unclip_jax.train import hooks
 from unclip_jax.train.kinds import get_kind
+from unclip_jax.train.metrics import MetricWriter, Progress
 from unclip_jax.train.state import TrainState, make_optimizer
 from unclip_jax.train.step import compile_train_step, make_train_step
 
@@ -46,8 +50,9 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config, workdir: str | pathlib.Path) -> dict:
-    """Train `config.kind` in `workdir`; returns a summary (steps, last metrics, paths)."""
+def train(config, workdir: str | pathlib.Path, *, kind=None) -> dict:
+    """Train `config.kind` (or the given ModelKind) in `workdir`; returns a summary (steps, last
+    metrics, paths)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -55,7 +60,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
              jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
 
     # ---------------------------------------------------------------- mesh, state, resume
-    kind = get_kind(config)
+    kind = kind or get_kind(config, workdir)
     mesh = parallel.create_mesh(tuple(tuple(axis) for axis in config.mesh))
     rules = parallel.rules_for(config.sharding_rules)
     tx, schedule = make_optimizer(config.optim)
@@ -94,15 +99,29 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     step_fn = make_train_step(kind.loss_fn, tx, schedule, ema_decay=config.optim.ema_decay,
                               accum_steps=config.optim.get("accum_steps", 1))  # fmt: skip
     replicated = NamedSharding(mesh, P())
+    compile_start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compiled = compile_train_step(
             step_fn, state, first, rng, state_shardings=shardings,
             batch_shardings=jax.tree.map(lambda _: batch_sharding, first), replicated=replicated,
         )  # fmt: skip
+    writer = MetricWriter(workdir, enabled=is_main,
+                          tensorboard=config.train.get("tensorboard", True))  # fmt: skip
+    writer.compile_stats(start, time.perf_counter() - compile_start, compiled)
+
+    # ---------------------------------------------------------------- held-out loss, samples
+    eval_every = config.train.get("eval_every", 0) if getattr(kind, "eval_data", None) else 0
+    sample_every = config.train.get("sample_every", 0) if getattr(kind, "sample", None) else 0
+    evaluate = None
+    if eval_every:
+        evaluate = hooks.Evaluator(kind, mesh=mesh, rules=rules, param_shardings=shardings.params,
+                                   global_batch=global_batch, rng=jax.random.fold_in(rng, 1),
+                                   num_batches=config.train.get("eval_batches", 1))  # fmt: skip
+    sample_rng = jax.random.fold_in(rng, 2)
 
     # ---------------------------------------------------------------- the loop
     total = config.optim.steps
-    metrics_path = workdir / "metrics.jsonl"
+    progress = Progress(start, total, enabled=is_main)
     preemption = _Preemption()
     last_log, last_logged, metrics = time.perf_counter(), start, {}
     # Per-step non-finite flags stay on device until the next log step (one transfer), where the
@@ -125,9 +144,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                             skipped_total=int(state.skipped))  # fmt: skip
                 host["examples_per_s"] = host["steps_per_s"] * global_batch
                 last_log, last_logged = now, done
+                writer.scalars(done, host)
+                progress.show(loss=host["loss"])
                 if is_main:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(host) + "\n")
                     log.info("step %d loss %.4f", done, host["loss"])
                 if nonfinite_run >= config.train.max_nonfinite_in_row:
                     raise TrainingDiverged(
@@ -135,6 +154,16 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                         f"Skipped steps leave the params unchanged; the last checkpoint is step "
                         f"{ckpt.latest_step()} in {ckpt.directory}"
                     )
+            if evaluate is not None and (done % eval_every == 0 or done == total):
+                held_out = evaluate(state)
+                writer.scalars(done, held_out, split="eval")
+                if is_main:
+                    log.info("step %d held-out loss %.4f (EMA %.4f)", done,
+                             held_out["eval_loss"], held_out["eval_ema_loss"])  # fmt: skip
+            if sample_every and (done % sample_every == 0 or done == total):
+                hooks.write_samples(kind, state, sample_rng, done, mesh=mesh, rules=rules,
+                                    writer=writer)  # fmt: skip
+            progress.update()
             preempted = preemption.requested or ckpt.reached_preemption(done)
             if done % ckpt_cfg.save_every == 0 or done == total or preempted:
                 ckpt.save(done, state, config=json.loads(config.to_json()),
@@ -144,5 +173,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 break
     finally:
         preemption.restore()
+        progress.close()
+        writer.close()
         ckpt.close()
     return {"step": done, "metrics": jax.device_get(metrics), "workdir": str(workdir)}

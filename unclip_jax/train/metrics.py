@@ -1,0 +1,148 @@
+"""Where the training loop's numbers and pictures go: JSONL, TensorBoard, a progress bar, PNGs.
+
+Only process 0 writes; on the other processes every writer is a no-op, so the loop calls them
+unconditionally. Files in the workdir:
+
+    metrics.jsonl         one JSON object per log step: {"step", "loss", ...}
+    eval_metrics.jsonl    one per evaluation: {"step", "eval_loss", "eval_ema_loss", ...}
+    compile.json          the train step's compile time and memory analysis
+    tensorboard/          event files (tensorboardX, no TensorFlow): train/*, eval/*, compile/*,
+                          samples
+    samples/step_XXXXXX.png   sample grids from the EMA params
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class MetricWriter:
+    """JSONL (always) and TensorBoard (if `tensorboard` and tensorboardX imports) on process 0."""
+
+    def __init__(self, workdir: pathlib.Path, *, enabled: bool, tensorboard: bool = True):
+        self.workdir, self.enabled = pathlib.Path(workdir), enabled
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                log.warning("tensorboardX is not installed: metrics go to JSONL only")
+            else:
+                self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict, *, split: str = "train") -> None:
+        """One record: metrics.jsonl (split "train") or <split>_metrics.jsonl, tags split/key."""
+        if not self.enabled:
+            return
+        name = "metrics.jsonl" if split == "train" else f"{split}_metrics.jsonl"
+        with (self.workdir / name).open("a") as f:
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self._tb.add_scalar(f"{split}/{key}", value, int(step))
+
+    def compile_stats(self, step: int, seconds: float, compiled) -> dict:
+        """Compile time and memory analysis of the compiled step -> compile.json (+ TensorBoard)."""
+        stats = {"step": int(step), "compile_s": round(seconds, 3), **memory_stats(compiled)}
+        sizes = ", ".join(f"{k} {v:.1f}" for k, v in stats.items() if k.endswith("_mib"))
+        log.info("train step: lowered and compiled in %.1f s; %s", seconds, sizes)
+        if self.enabled:
+            (self.workdir / "compile.json").write_text(json.dumps(stats, indent=1) + "\n")
+            if self._tb is not None:
+                for key, value in stats.items():
+                    if key != "step":
+                        self._tb.add_scalar(f"compile/{key}", value, int(step))
+        return stats
+
+    def image_grid(self, step: int, images) -> pathlib.Path | None:
+        """images [N, H, W, 3] in [-1, 1] -> samples/step_XXXXXX.png (and TensorBoard)."""
+        if not self.enabled:
+            return None
+        grid = make_grid(images)
+        path = self.workdir / "samples" / f"step_{int(step):06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(grid).save(path)
+        if self._tb is not None:
+            self._tb.add_image("samples", grid, int(step), dataformats="HWC")
+        log.info("wrote %s", path)
+        return path
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def memory_stats(compiled) -> dict:
+    """MiB of arguments, outputs, temporaries and generated code of a compiled executable."""
+    try:
+        memory = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError):  # not every backend reports it
+        return {}
+    if memory is None:
+        return {}
+    fields = {"argument_mib": "argument_size_in_bytes", "output_mib": "output_size_in_bytes",
+              "temp_mib": "temp_size_in_bytes", "alias_mib": "alias_size_in_bytes",
+              "code_mib": "generated_code_size_in_bytes"}  # fmt: skip
+    return {k: getattr(memory, f) / 2**20 for k, f in fields.items() if hasattr(memory, f)}
+
+
+def make_grid(images, pad: int = 2) -> np.ndarray:
+    """[N, H, W, 3] (or [N, H, W]) floats in [-1, 1] -> one uint8 [rows*H', cols*W', 3] image,
+    ceil(sqrt(N)) columns, `pad` white pixels between tiles."""
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images [N, H, W, 3], got {images.shape}")
+    images = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    n, h, w, _ = images.shape
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
+class Progress:
+    """A tqdm bar over the steps on process 0 (on a terminal); nothing elsewhere."""
+
+    def __init__(self, start: int, total: int, *, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            # disable=None: shown on a terminal, silent in batch logs.
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                             disable=None)  # fmt: skip
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def show(self, **values) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
