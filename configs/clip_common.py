@@ -94,11 +94,24 @@ def tokenizer(path=None, context_length=77, vocab_size=49408):
     return c
 
 
-def common(c):
-    """Mesh and sharding sections shared by every CLIP config."""
+def common(c, tiny: bool = False):
+    """Mesh, sharding and the sections `unclip-jax train` reads (kind "clip": contrastive
+    training on an image-text source with a BPE trained on its captions when no tokenizer folder
+    is given), shared by every CLIP config."""
+    c.kind = "clip"
     c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
-    c.sharding_rules = SHARDING_RULES
+    # The tiny models are replicated (data parallel); ConfigDict fields keep their first type.
+    c.sharding_rules = "data_parallel" if tiny else SHARDING_RULES
     c.seed = 0
+    c.train = ml_collections.ConfigDict()
+    c.train.log_every, c.train.max_nonfinite_in_row = 100, 20
+    k = c.ckpt = ml_collections.ConfigDict()
+    k.save_every, k.keep, k.keep_every, k.init_from = 5000, 3, 100_000, ""
+    d = c.data = ml_collections.ConfigDict()
+    d.name, d.dir, d.config, d.split = "shapes", "outputs/data", "default", "train"
+    d.bpe_captions = 5000  # captions the BPE is trained on (the first of the split)
+    if tiny:
+        c.train.log_every, k.save_every, k.keep_every, d.config = 10, 50, 0, "tiny"
     return c
 
 

@@ -6,7 +6,7 @@ Variants:
   tiny      for tests
 
     config, params = unclip_jax.convert.clip.load_hf_clip("path/to/clip-vit-base-patch32")
-    unclip-jax train --config clip_vit_b32:tiny      (training arrives with the training issue)
+    unclip-jax train --config clip_vit_b32:tiny --workdir runs/clip_tiny   (on shapes, CPU)
 """
 
 import ml_collections
@@ -25,4 +25,4 @@ def get_config(arg=None):
         c.tokenizer = tokenizer(context_length=16, vocab_size=1024)
     else:
         raise ValueError(f"unknown clip_vit_b32 variant {arg!r}: tiny or none")
-    return common(c)
+    return common(c, arg == "tiny")

@@ -36,7 +36,7 @@ def get_config(arg=None):
     m.clip_tokens = 4
     c.train = ml_collections.ConfigDict()
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "p_sample"  # ancestral with the learned variance
+    c.sample.sampler = "ddpm"  # ancestral with the learned variance
     if variant == "paper":
         m.text_pathway, m.clip_dim = "glide", 1024
         m.text = text(width=2048, layers=24, heads=32, text_ctx=256)

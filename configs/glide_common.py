@@ -74,6 +74,7 @@ def training(c, tiny: bool, *, batch_size=2048, steps=2_500_000, sharding_rules=
     d = c.data = ml_collections.ConfigDict()
     d.name, d.dir, d.config, d.split = "shapes", "outputs/data", "default", "train"
     d.tokenizer = "gpt2_bpe"  # the released GPT-2 BPE (not wired into training yet)
+    d.embeddings = ""  # unCLIP kinds: the CLIP side dataset written by `unclip-jax data embed`
     if tiny:
         o.lr, o.ema_decay, o.batch_size, o.steps = 1e-3, 0.99, 16, 30
         c.train.log_every = 5

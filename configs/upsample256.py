@@ -35,12 +35,12 @@ def get_config(arg=None):
         m.low_res_size = 64
         m.unet = sr_unet(256, 320, (1, 2, 3, 4), 3, dropout=0.1 if variant == "paper" else 0.0)
         c.sample.respacing, c.sample.sampler = (
-            ("27", "ddim") if variant == "paper" else ("7", "p_sample")
+            ("27", "ddim") if variant == "paper" else ("7", "ddpm")
         )
     elif variant == "tiny":
         m.low_res_size = 16
         m.unet = sr_unet(64, 32, (1, 2), 1)
-        c.sample.respacing, c.sample.sampler = "7", "p_sample"
+        c.sample.respacing, c.sample.sampler = "7", "ddpm"
     else:
         raise ValueError(f"unknown upsample256 variant {variant!r}: paper, karlo or tiny")
     c.diffusion = diffusion("cosine", learned_sigma=False)

@@ -58,8 +58,13 @@ def test_text_diff_path():
 
 def test_stage_inversion_then_ddim_eta0_reconstructs():
     cfg = ml_collections.ConfigDict(
-        dict(schedule="cosine", num_timesteps=1000, mean_type="epsilon", var_type="fixed_small",
-             loss_type="mse")  # fmt: skip
+        dict(
+            schedule="cosine",
+            num_timesteps=1000,
+            mean_type="epsilon",
+            var_type="fixed_small",
+            loss_type="mse",
+        )  # fmt: skip
     )
     stage = DiffusionStage(oracle.eps_model, None, cfg, (6,), clip_denoised=False)
     stage.params = {"abar": stage.table(None).alphas_cumprod}

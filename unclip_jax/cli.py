@@ -46,11 +46,17 @@ def _cmd_demo(args) -> None:
 
 def _cmd_train(args) -> None:
     from unclip_jax import config_utils
+    from unclip_jax.parallel import distributed
+
+    distributed.from_args(args)  # before anything touches a device
+    import jax
+
     from unclip_jax.train.loop import train
 
     config = config_utils.load_config(args.config, args.set)
     summary = train(config, args.workdir)
-    print(f"trained to step {summary['step']}; checkpoints and metrics.jsonl in {args.workdir}")
+    if jax.process_index() == 0:
+        print(f"trained to step {summary['step']}; checkpoints and metrics in {args.workdir}")
 
 
 def _read_prompts(args) -> list[str]:
@@ -89,17 +95,109 @@ def _cmd_sample(args) -> None:
         pipe = pipeline_from_runs(args.base, args.upsampler)
         scales = _scales(args.guidance or [3.0], len(prompts), "--guidance")
         out = pipe(prompts, rng, guidance_scale=np.asarray(scales, np.float32),
-                   base_respacing=str(args.steps or 100), base_sampler=args.sampler)  # fmt: skip
+                   base_respacing=str(args.steps or 100),
+                   base_sampler=args.sampler or "ddpm")  # fmt: skip
         record = dict(pipeline="glide", base=args.base, upsampler=args.upsampler,
                       sampler=args.sampler, steps=args.steps or 100, guidance=scales)  # fmt: skip
     else:
-        from unclip_jax.pipelines import unclip
-
-        out, record = unclip.sample_from_args(args, prompts, rng)
+        pipe = _unclip_pipeline(args)
+        scales = _scales(args.guidance or [pipe.decoder_sample.get("guidance_scale", 1.0)],
+                         len(prompts), "--guidance")  # fmt: skip
+        prior_scales = None
+        if args.prior_guidance:
+            prior_scales = _scales(args.prior_guidance, len(prompts), "--prior-guidance")
+        out = pipe(prompts, rng, prior=args.prior, prior_guidance=prior_scales,
+                   decoder_guidance=np.asarray(scales, np.float32),
+                   decoder_respacing=None if args.steps is None else str(args.steps),
+                   decoder_sampler=args.sampler)  # fmt: skip
+        record = dict(pipeline="unclip", runs=_unclip_runs(args), prior=args.prior,
+                      prior_guidance=prior_scales, decoder_guidance=scales,
+                      decoder_sampler=args.sampler or pipe.decoder_sample.get("sampler"),
+                      decoder_steps=args.steps or pipe.decoder_sample.get("respacing"))  # fmt: skip
     images = jax.device_get(out["images"])
     record.update(prompts=prompts, seed=args.seed, seconds=time.perf_counter() - start)
     paths = save_samples(args.out, images, record)
     print(f"wrote {len(images)} images: {paths['grid']}, {paths['record']}")
+
+
+def _unclip_runs(args) -> dict:
+    return {"clip": args.clip, "prior": args.prior_run, "ar_prior": args.ar_prior_run,
+            "decoder": args.decoder, "upsamplers": args.upsamplers or []}  # fmt: skip
+
+
+def _unclip_pipeline(args):
+    from unclip_jax.pipelines.unclip import pipeline_from_runs
+
+    if not args.clip or not args.decoder:
+        raise UserError("the unclip pipeline needs --clip RUN and --decoder RUN")
+    if getattr(args, "prior", "none") == "diffusion" and not args.prior_run:
+        raise UserError("--prior diffusion needs --prior-run RUN")
+    if getattr(args, "prior", "none") == "ar" and not args.ar_prior_run:
+        raise UserError("--prior ar needs --ar-prior-run RUN")
+    return pipeline_from_runs(clip=args.clip, decoder=args.decoder, prior=args.prior_run,
+                              ar_prior=args.ar_prior_run,
+                              upsamplers=args.upsamplers or ())  # fmt: skip
+
+
+def _add_unclip_runs(parser, with_priors: bool = True) -> None:
+    parser.add_argument("--clip", help="unCLIP: the CLIP run folder (its tokenizer inside)")
+    parser.add_argument("--decoder", help="unCLIP: the decoder run folder")
+    parser.add_argument("--upsamplers", nargs="*", metavar="RUN",
+                        help="unCLIP: upsampler run folders, in order")  # fmt: skip
+    if with_priors:
+        parser.add_argument("--prior-run", help="unCLIP: the diffusion prior's run folder")
+        parser.add_argument("--ar-prior-run", help="unCLIP: the autoregressive prior's run")
+
+
+def _load_images(paths, size: int):
+    import numpy as np
+
+    from unclip_jax.imaging import load_image
+
+    for p in paths:
+        if not pathlib.Path(p).is_file():
+            raise UserError(f"image not found: {p}")
+    return np.stack([load_image(p, size) for p in paths])
+
+
+def _cmd_vary(args) -> None:
+    import jax
+
+    from unclip_jax.pipelines.outputs import save_samples
+
+    pipe = _unclip_pipeline(args)
+    image = _load_images([args.image], pipe.decoder.sample_shape[0])[0]
+    out = pipe.variations(image, jax.random.key(args.seed), n=args.n, eta=args.eta,
+                          respacing=f"ddim{args.steps}")  # fmt: skip
+    record = dict(command="vary", image=args.image, n=args.n, eta=args.eta, steps=args.steps,
+                  seed=args.seed, runs=_unclip_runs(args))  # fmt: skip
+    paths = save_samples(args.out, jax.device_get(out["images"]), record, stem="variation")
+    print(f"wrote {args.n} variations: {paths['grid']}")
+
+
+def _cmd_interpolate(args) -> None:
+    import jax
+    import numpy as np
+
+    from unclip_jax.pipelines.outputs import save_samples
+
+    pipe = _unclip_pipeline(args)
+    images = _load_images([args.image_a, args.image_b], pipe.decoder.sample_shape[0])
+    thetas = np.linspace(0.0, 1.0, args.n)
+    out = pipe.interpolate(images[0], images[1], jax.random.key(args.seed), thetas=thetas,
+                           fixed_noise=args.fixed_noise, respacing=f"ddim{args.steps}")  # fmt: skip
+    record = dict(command="interpolate", images=[args.image_a, args.image_b],
+                  thetas=thetas.tolist(), fixed_noise=args.fixed_noise, steps=args.steps,
+                  seed=args.seed, runs=_unclip_runs(args))  # fmt: skip
+    paths = save_samples(args.out, jax.device_get(out["images"]), record, ncol=args.n,
+                         stem="interpolation")  # fmt: skip
+    print(f"wrote {args.n} interpolation frames: {paths['grid']}")
+
+
+def _cmd_data_embed(args) -> None:
+    from unclip_jax.data.embeddings import run_embed
+
+    print(run_embed(args).summary())
 
 
 def _add_sample_args(parser) -> None:
@@ -152,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(train)
     train.add_argument("--workdir", required=True, help="run folder (resumed if it holds one)")
+    from unclip_jax.parallel import distributed
+
+    distributed.add_arguments(train)
     train.set_defaults(func=_cmd_train)
 
     sample = sub.add_parser(
@@ -164,13 +265,70 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--pipeline", choices=("glide", "unclip"), default="glide")
     sample.add_argument("--base", help="GLIDE: the base model's run folder")
     sample.add_argument("--upsampler", help="GLIDE: an upsampler run folder (optional)")
-    sample.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm",
-                        help="sampler of the base/decoder stage")  # fmt: skip
+    _add_unclip_runs(sample)
+    sample.add_argument(
+        "--prior", choices=("diffusion", "ar", "none"), default="diffusion",
+        help="unCLIP: the prior (none: the CLIP text embedding itself)",
+    )  # fmt: skip
+    sample.add_argument(
+        "--prior-guidance", type=float, nargs="+", metavar="SCALE",
+        help="unCLIP: the prior's guidance, one scale or one per prompt",
+    )  # fmt: skip
+    sample.add_argument(
+        "--sampler", choices=("ddpm", "ddim", "dpm++2m"), default=None,
+        help="sampler of the base/decoder stage (default: the config's)",
+    )  # fmt: skip
     sample.add_argument("--steps", type=int, help="respaced steps of the base/decoder stage")
     sample.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
                         help="classifier-free guidance of the base/decoder stage: one scale "
                         "or one per prompt")  # fmt: skip
     sample.set_defaults(func=_cmd_sample)
+
+    vary = sub.add_parser(
+        "vary",
+        help="unCLIP image variations: DDIM-invert an image, decode its (z_i, x_T) with eta > 0",
+        description="Variations of one image (resized to the decoder's size): its CLIP "
+        "embedding and DDIM-inverted noise decoded with DDIM eta (0 reconstructs it).",
+    )
+    vary.add_argument("image", help="an image file")
+    _add_unclip_runs(vary, with_priors=False)
+    vary.add_argument("--n", type=int, default=4, help="number of variations")
+    vary.add_argument("--eta", type=float, default=0.8, help="DDIM eta (0: reconstruction)")
+    vary.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion and decoding)")
+    vary.add_argument("--seed", type=int, default=0)
+    vary.add_argument("--out", default="outputs/vary")
+    vary.set_defaults(func=_cmd_vary, prior="none", prior_run=None, ar_prior_run=None)
+
+    interp = sub.add_parser(
+        "interpolate",
+        help="unCLIP interpolation between two images (slerp of CLIP embeddings and latents)",
+        description="Frames along slerp(z_a, z_b, theta); x_T slerped between the images' "
+        "DDIM inversions (the endpoints reconstruct them) or fixed (--fixed-noise).",
+    )
+    interp.add_argument("image_a")
+    interp.add_argument("image_b")
+    _add_unclip_runs(interp, with_priors=False)
+    interp.add_argument("--n", type=int, default=5, help="frames, theta from 0 to 1")
+    interp.add_argument("--fixed-noise", action="store_true", help="one random x_T for all")
+    interp.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    interp.add_argument("--seed", type=int, default=0)
+    interp.add_argument("--out", default="outputs/interpolate")
+    interp.set_defaults(func=_cmd_interpolate, prior="none", prior_run=None, ar_prior_run=None)
+
+    from unclip_jax.data.embeddings import add_embed_arguments
+
+    data = sub.add_parser("data", help="prepare datasets (CLIP embeddings as a side dataset)")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    embed = data_sub.add_parser(
+        "embed",
+        help="CLIP image/text embeddings and text token features of a dataset split",
+        description="Embed a split once with a CLIP (a clip run or a transformers folder) into a "
+        "tfds array_record side dataset that prior and decoder runs read (data.embeddings): "
+        "each host writes its own shards, a rerun resumes or does nothing, and the statistics "
+        "the priors need are saved beside it.",
+    )
+    add_embed_arguments(embed)
+    embed.set_defaults(func=_cmd_data_embed)
     return parser
 
 

@@ -397,6 +397,7 @@ def embed_dataset(
         multihost_utils.sync_global_devices(f"{NAME}-{split}-shards")
     if split in _ready_splits(out) and (not multihost or process_index == 0):
         _write_dataset_info(out)
+        save_null_text(out, clip_model, clip_params, tokenizer)
         if compute_stats:
             save_stats(out, split)
     if multihost and process_count > 1:
@@ -464,6 +465,34 @@ def _describe(model: CLIP) -> dict:
         "vision": dataclasses.asdict(model.vision),
         "dtype": str(jnp.dtype(model.dtype)),
     }
+
+
+def save_null_text(out_dir, clip_model: CLIP, clip_params, tokenizer) -> dict:
+    """Write null_text.npz: the CLIP encoding of the empty prompt (unbatched), the null caption
+    that the decoder's and Karlo-style prior's training drops use and their samplers reuse."""
+    tokens = tokenizer([""])
+    out = clip_model.apply({"params": nn.meta.unbox(clip_params)},
+                           jnp.asarray(tokens.input_ids),
+                           eot_positions=jnp.asarray(tokens.eot_positions))  # fmt: skip
+    null = {"text_emb": np.asarray(out.text_embeds[0], np.float32),
+            "text_tokens": np.asarray(out.text_hidden_states[0], np.float32),
+            "text_mask": np.asarray(tokens.attention_mask[0], bool),
+            "tokens": np.asarray(tokens.input_ids[0], np.int32)}  # fmt: skip
+    path = pathlib.Path(out_dir) / "null_text.npz"
+    tmp = path.with_name(f".null_text.tmp{os.getpid()}.npz")
+    np.savez(tmp, **null)
+    os.replace(tmp, path)
+    return null
+
+
+def load_null_text(out_dir) -> dict:
+    """The empty prompt's CLIP encoding written by `save_null_text` (a dict of arrays)."""
+    path = pathlib.Path(out_dir) / "null_text.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: rerun `unclip-jax data embed` into "
+                                f"{out_dir} (it writes the empty prompt's encoding)")  # fmt: skip
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
 
 
 # ---- reading ----
@@ -740,6 +769,8 @@ def load_clip(
     folder = pathlib.Path(checkpoint)
     if not folder.is_dir():
         raise FileNotFoundError(f"CLIP checkpoint folder not found: {folder}")
+    if (folder / "checkpoints").is_dir():  # a run's workdir (its tokenizer/ sits beside)
+        folder = folder / "checkpoints"
     ckpt = Checkpointer(folder, enable_async=False)
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.manager.all_steps():
@@ -821,7 +852,7 @@ def add_embed_arguments(parser) -> None:
         "--clip_config",
         help="CLIP config name, e.g. clip_vit_b32:tiny (default: the checkpoint's saved config)",
     )
-    add("--clip_checkpoint", help="a CLIP training run folder (orbax checkpoints)")
+    add("--clip_checkpoint", help="a CLIP training run (its workdir, or its checkpoints/)")
     add("--clip_step", type=int, help="checkpoint step (default: the latest)")
     add("--clip_weights", choices=("params", "ema_params"), default="params")
     add("--clip_hf", help="a transformers CLIP folder (config.json + model.safetensors)")

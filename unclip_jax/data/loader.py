@@ -202,3 +202,41 @@ class TokenizedBatches:
         import base64
 
         self._iterator.set_state(base64.b64decode(state["grain"]))
+
+
+class MappedBatches:
+    """Host batches of a grain loader (or an EmbeddingBatches) through `fn`, resumable.
+
+    `fn(batch) -> batch` runs on the host (tokenising, selecting keys, degradations with a NumPy
+    rng seeded from the batch); get_state()/set_state() are those of the wrapped iterator, so
+    `fn` must be a pure function of the batch for resumes to be exact.
+    """
+
+    def __init__(self, batches, fn):
+        self._inner = batches
+        self._iterator = iter(batches) if isinstance(batches, grain.DataLoader) else batches
+        self.fn = fn
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.fn(next(self._iterator))
+
+    def get_state(self) -> dict:
+        if hasattr(self._iterator, "get_state") and not hasattr(self._inner, "get_state"):
+            import base64
+
+            state = self._iterator.get_state()
+            if isinstance(state, str):
+                state = state.encode()
+            return {"grain": base64.b64encode(state).decode("ascii")}
+        return self._inner.get_state()
+
+    def set_state(self, state: dict) -> None:
+        if not hasattr(self._inner, "set_state"):
+            import base64
+
+            self._iterator.set_state(base64.b64decode(state["grain"]))
+        else:
+            self._inner.set_state(state)

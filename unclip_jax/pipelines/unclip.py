@@ -1,0 +1,367 @@
+"""unCLIP (DALL-E 2): text -> CLIP text encoder -> prior -> decoder -> upsamplers -> images.
+
+Each stage is one jitted sampler, composed on the host (DESIGN 7):
+  1. CLIP's text tower: the text embedding z_t, per-token features and token ids of each prompt;
+  2. the prior: `diffusion` (best of N by dot product with z_t), `ar` (PCA codes), or `none` (z_t
+     itself stands in for the image embedding, the paper's ablation);
+  3. the decoder, classifier-free guided (null = learned null image embedding + empty caption);
+  4. the upsamplers on the clamped previous output (no guidance).
+Guidance scales are per stage and per example ([B]), so sweeps compile once per stage.
+
+The manipulations of SPEC 3.6 use the decoder's bipartite latent (z_i, x_T): `invert` (DDIM
+inversion conditioned on the image's own CLIP embedding), `variations`, `interpolate` and
+`text_diff`. The decoder's caption for them is empty, as in Karlo's image variations.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.pipelines import manipulations
+from unclip_jax.pipelines.stage import DiffusionStage
+
+log = logging.getLogger(__name__)
+
+PRIOR_TYPES = ("diffusion", "ar", "none")
+
+
+def _text_forward(model, params, ids, eot):
+    out = model.apply({"params": params}, ids, eot_positions=eot)
+    return out.text_embeds.astype(jnp.float32), out.text_hidden_states.astype(jnp.float32)
+
+
+def _image_forward(model, params, images):
+    from unclip_jax.models.clip import preprocess_images
+
+    pixels = preprocess_images(images, model.vision.image_size)
+    return model.apply({"params": params}, images=pixels).image_embeds.astype(jnp.float32)
+
+
+class ClipEncoder:
+    """CLIP's two towers as the unCLIP stack reads them (the same forward as `data embed`).
+
+    text(prompts) -> {"text_emb" [B, D] (projected EOT feature, not normalised), "text_tokens"
+    [B, L, Dt] (final-LayerNorm features), "text_mask" [B, L], "tokens" [B, L]};
+    images(x [B, H, W, 3] in [-1, 1]) -> image embeddings [B, D].
+    """
+
+    def __init__(self, model, params, tokenizer):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self._text = jax.jit(functools.partial(_text_forward, model))
+        self._image = jax.jit(functools.partial(_image_forward, model))
+
+    def text(self, prompts: list[str]) -> dict:
+        tokens = self.tokenizer(list(prompts))
+        emb, feats = self._text(self.params, tokens.input_ids, tokens.eot_positions)
+        return {"text_emb": emb, "text_tokens": feats,
+                "text_mask": jnp.asarray(tokens.attention_mask, bool),
+                "tokens": jnp.asarray(tokens.input_ids, jnp.int32)}  # fmt: skip
+
+    def images(self, images) -> jax.Array:
+        return self._image(self.params, jnp.asarray(images, jnp.float32))
+
+
+def _pad_text(text: dict, length: int) -> dict:
+    """CLIP outputs padded (masked) to a model's text context; an error if they do not fit."""
+    current = text["text_mask"].shape[1]
+    if current > length:
+        raise ValueError(f"CLIP's context ({current}) is longer than the model's ({length})")
+    if current == length:
+        return text
+    pad = length - current
+    return {
+        "text_emb": text["text_emb"],
+        "text_tokens": jnp.pad(text["text_tokens"], ((0, 0), (0, pad), (0, 0))),
+        "text_mask": jnp.pad(text["text_mask"], ((0, 0), (0, pad))),
+        "tokens": jnp.pad(text["tokens"], ((0, 0), (0, pad))),
+    }
+
+
+def _scales(value, batch: int):
+    return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (batch,))
+
+
+@dataclass
+class PriorStage:
+    """The diffusion prior (`PriorSampler` + params) or the AR prior (sampler, params, codec)."""
+
+    kind: str  # "diffusion" or "ar"
+    sampler: Any
+    params: Any
+    model: Any
+    codec: Any = None
+    sample: dict = field(default_factory=dict)  # the config's sample section (defaults)
+
+
+@dataclass
+class UnclipPipeline:
+    """The unCLIP stack. `decoder` and `upsamplers` are DiffusionStages; `decoder_model` is the
+    UnclipDecoder (for its text pathway); `glide_tokenizer`/`pad_id` serve a "glide" pathway."""
+
+    clip: ClipEncoder
+    decoder: DiffusionStage
+    decoder_model: Any
+    priors: dict = field(default_factory=dict)  # "diffusion" / "ar" -> PriorStage
+    upsamplers: list = field(default_factory=list)  # [(DiffusionStage, sample section)]
+    decoder_sample: dict = field(default_factory=dict)
+    glide_tokenizer: Any = None
+    pad_id: int | None = None
+
+    # ------------------------------------------------------------------ text and priors
+    def _empty(self) -> dict:
+        return {k: v[0] for k, v in self.clip.text([""]).items()}
+
+    def image_embeddings(self, prompts, rng, *, prior: str = "diffusion", guidance_scale=None,
+                         text: dict | None = None) -> jax.Array:  # fmt: skip
+        """CLIP image embeddings [B, D] for the prompts from the chosen prior."""
+        if prior not in PRIOR_TYPES:
+            raise ValueError(f"unknown prior {prior!r}; expected one of {PRIOR_TYPES}")
+        text = self.clip.text(prompts) if text is None else text
+        if prior == "none":
+            return text["text_emb"]
+        if prior not in self.priors:
+            raise ValueError(f"this pipeline has no {prior!r} prior (has: {sorted(self.priors)})")
+        stage = self.priors[prior]
+        batch = len(prompts)
+        scale = guidance_scale
+        if scale is None:
+            scale = stage.sample.get("guidance_scale", 1.0)
+        if prior == "diffusion":
+            from unclip_jax.pipelines.prior import conditioning, null_conditioning
+
+            padded = _pad_text(text, stage.model.text_ctx)
+            cond = conditioning(stage.model, padded["text_emb"], padded["text_tokens"],
+                                padded["text_mask"])  # fmt: skip
+            empty = None
+            if not stage.model.learned_null:
+                empty = {k: v[0] for k, v in _pad_text(self.clip.text([""]),
+                                                       stage.model.text_ctx).items()}  # fmt: skip
+            null = null_conditioning(stage.model, cond, empty)
+            out = stage.sampler(stage.params, cond, rng, null_cond=null,
+                                guidance_scale=_scales(scale, batch))  # fmt: skip
+            return out["image_emb"]
+        padded = _pad_text(text, stage.model.text_ctx)
+        s = stage.sample
+        out = stage.sampler(stage.params, stage.codec, padded["tokens"], padded["text_mask"],
+                            padded["text_emb"], rng, guidance_scale=_scales(scale, batch),
+                            temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0),
+                            dot_percentile=s.get("dot_percentile", 50.0))  # fmt: skip
+        return out["embeddings"]
+
+    # ------------------------------------------------------------------ decoder
+    def decoder_cond(self, image_emb, prompts: list[str] | None = None, text: dict | None = None):
+        """The decoder's (cond, null_cond) for image embeddings and captions ("" when None)."""
+        from unclip_jax.models.decoder import null_cond
+
+        batch = image_emb.shape[0]
+        prompts = [""] * batch if prompts is None else list(prompts)
+        cond = {"image_emb": jnp.asarray(image_emb, jnp.float32),
+                "drop_image": jnp.zeros((batch,), bool)}  # fmt: skip
+        if self.decoder_model.text is not None:  # the paper's GLIDE text pathway
+            from unclip_jax.tokenizers import glide_tokenize
+
+            if self.glide_tokenizer is None or self.pad_id is None:
+                raise ValueError("a 'glide' text pathway needs glide_tokenizer and pad_id")
+            ctx = self.decoder_model.text.text_ctx
+            tokens, mask = glide_tokenize(self.glide_tokenizer, prompts, ctx, self.pad_id)
+            cond |= {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)}
+            return cond, null_cond(cond, pad_id=self.pad_id)
+        text = self.clip.text(prompts) if text is None else text
+        cond |= {k: text[k] for k in ("text_emb", "text_tokens", "text_mask")}
+        return cond, null_cond(cond, null_text=self._empty())
+
+    def decode(self, image_emb, rng, *, prompts=None, text=None, guidance_scale=None,
+               respacing=None, sampler=None, x_T=None, eta: float = 0.0, mesh=None):  # fmt: skip
+        """64px (decoder-size) images [B, s, s, 3] in [-1, 1] from image embeddings."""
+        s = self.decoder_sample
+        cond, null = self.decoder_cond(image_emb, prompts, text)
+        batch = cond["image_emb"].shape[0]
+        scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+        return self.decoder.sample(
+            cond, rng, batch=batch, respacing=respacing or s.get("respacing", "250"),
+            sampler=sampler or s.get("sampler", "ddpm"), null_cond=null,
+            guidance_scale=_scales(scale, batch), x_T=x_T, eta=eta, mesh=mesh,
+        )  # fmt: skip
+
+    def upsample(self, images, rng, *, mesh=None) -> list:
+        """Each upsampler in turn on the clamped previous output; returns every stage's images."""
+        outs = []
+        for i, (stage, s) in enumerate(self.upsamplers):
+            low = jnp.clip(images, -1.0, 1.0)
+            images = stage.sample({"low_res": low}, jax.random.fold_in(rng, i),
+                                  batch=low.shape[0], respacing=s.get("respacing", "27"),
+                                  sampler=s.get("sampler", "ddim"), mesh=mesh)  # fmt: skip
+            outs.append(images)
+        return outs
+
+    def __call__(self, prompts: list[str], rng, *, prior: str = "diffusion",
+                 prior_guidance=None, decoder_guidance=None, decoder_respacing=None,
+                 decoder_sampler=None, upsample: bool = True, mesh=None) -> dict:  # fmt: skip
+        """{"image_emb": [B, D], "decoded": [B, s, s, 3], "images": the last stage's output}."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        k_prior, k_dec, k_up = jax.random.split(rng, 3)
+        text = self.clip.text(prompts)
+        z = self.image_embeddings(prompts, k_prior, prior=prior, guidance_scale=prior_guidance,
+                                  text=text)  # fmt: skip
+        decoded = self.decode(z, k_dec, prompts=prompts, text=text,
+                              guidance_scale=decoder_guidance, respacing=decoder_respacing,
+                              sampler=decoder_sampler, mesh=mesh)  # fmt: skip
+        out = {"image_emb": z, "decoded": decoded, "images": decoded}
+        if upsample and self.upsamplers:
+            stages = self.upsample(decoded, k_up, mesh=mesh)
+            out["upsampled"] = stages
+            out["images"] = stages[-1]
+        return out
+
+    # ------------------------------------------------------------------ manipulations
+    def invert(self, images, *, respacing: str = "ddim50", fixed_point_iters: int = 2,
+               guidance_scale=1.0):  # fmt: skip
+        """(z_i [B, D], x_T [B, s, s, 3]): the bipartite latent of decoder-size images."""
+        images = jnp.asarray(images, jnp.float32)
+        size = self.decoder.sample_shape[0]
+        if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected images [B, {size}, {size}, 3] in [-1, 1], got "
+                             f"{images.shape}")  # fmt: skip
+        z = self.clip.images(images)
+        cond, null = self.decoder_cond(z)
+        x_T = self.decoder.invert(images, cond, respacing=respacing, null_cond=null,
+                                  guidance_scale=_scales(guidance_scale, images.shape[0]),
+                                  fixed_point_iters=fixed_point_iters)  # fmt: skip
+        return z, x_T
+
+    def _decode_latents(self, z, x_T, rng, *, respacing, eta, guidance_scale):
+        return self.decode(z, rng, guidance_scale=guidance_scale, respacing=respacing,
+                           sampler="ddim", x_T=x_T, eta=eta)  # fmt: skip
+
+    def variations(self, image, rng, *, n: int = 4, eta: float = 0.8,
+                   respacing: str = "ddim50", guidance_scale=1.0) -> dict:  # fmt: skip
+        """n variations of one decoder-size image [s, s, 3]: DDIM from its own (z_i, x_T) with
+        eta > 0 (eta = 0 reconstructs it)."""
+        z, x_T = self.invert(jnp.asarray(image)[None], respacing=respacing,
+                             guidance_scale=guidance_scale)  # fmt: skip
+        z_n, x_n = jnp.repeat(z, n, 0), jnp.repeat(x_T, n, 0)
+        images = self._decode_latents(z_n, x_n, rng, respacing=respacing, eta=eta,
+                                      guidance_scale=guidance_scale)  # fmt: skip
+        return {"images": images, "image_emb": z, "x_T": x_T}
+
+    def interpolate(self, image_a, image_b, rng, *, thetas=None, fixed_noise: bool = False,
+                    respacing: str = "ddim50", guidance_scale=1.0) -> dict:  # fmt: skip
+        """Images along slerp(z_a, z_b, theta), x_T slerped too (endpoints reconstruct both
+        inputs) or one random x_T for every theta (`fixed_noise`, the paper's Figure 4)."""
+        thetas = jnp.linspace(0, 1, 5) if thetas is None else jnp.asarray(thetas, jnp.float32)
+        z, x_T = self.invert(jnp.stack([jnp.asarray(image_a), jnp.asarray(image_b)]),
+                             respacing=respacing, guidance_scale=guidance_scale)  # fmt: skip
+        zs = manipulations.interpolation_path(z[0], z[1], thetas)
+        if fixed_noise:
+            noise = jax.random.normal(jax.random.fold_in(rng, 1), x_T.shape[1:])
+            xs = jnp.broadcast_to(noise, (thetas.shape[0],) + x_T.shape[1:])
+        else:
+            xs = manipulations.interpolation_path(x_T[0], x_T[1], thetas)
+        images = self._decode_latents(zs, xs, rng, respacing=respacing, eta=0.0,
+                                      guidance_scale=guidance_scale)  # fmt: skip
+        return {"images": images, "thetas": np.asarray(thetas)}
+
+    def text_diff(self, image, caption_from: str, caption_to: str, rng, *, thetas=None,
+                  respacing: str = "ddim50", guidance_scale=1.0) -> dict:  # fmt: skip
+        """Edit an image towards normalise(z_t(to) - z_t(from)) along a slerp with x_T fixed."""
+        thetas = jnp.linspace(0, 0.5, 5) if thetas is None else jnp.asarray(thetas, jnp.float32)
+        z, x_T = self.invert(jnp.asarray(image)[None], respacing=respacing,
+                             guidance_scale=guidance_scale)  # fmt: skip
+        text = self.clip.text([caption_to, caption_from])["text_emb"]
+        direction = manipulations.text_diff_direction(text[0], text[1])
+        zs = manipulations.text_diff_path(z[0], direction, thetas)
+        xs = jnp.broadcast_to(x_T, (thetas.shape[0],) + x_T.shape[1:])
+        images = self._decode_latents(zs, xs, rng, respacing=respacing, eta=0.0,
+                                      guidance_scale=guidance_scale)  # fmt: skip
+        return {"images": images, "thetas": np.asarray(thetas)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the pipeline from training runs (their configs, EMA params and run files).
+
+
+def _run_of_kind(path, kind: str, *, ema: bool = True):
+    from unclip_jax.checkpoint import load_run
+
+    config, params = load_run(path, ema=ema)
+    if config.get("kind") != kind:
+        raise ValueError(f"{path} is a {config.get('kind')!r} run, not a {kind!r} one")
+    return config, params
+
+
+def clip_from_run(path) -> ClipEncoder:
+    """The CLIP encoder of a `clip` run (its params and the BPE in its tokenizer/ folder)."""
+    from unclip_jax.models.clip import clip_from_config
+    from unclip_jax.tokenizers import ClipTokenizer
+
+    config, params = _run_of_kind(path, "clip", ema=False)  # CLIP's recipe has no EMA
+    folder = pathlib.Path(path) / "tokenizer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing: a clip run saves its BPE there")
+    context = config.model.text.context_length
+    tokenizer = ClipTokenizer.from_pretrained(folder, context_length=context)
+    return ClipEncoder(clip_from_config(config.model), params, tokenizer)
+
+
+def prior_from_run(path) -> PriorStage:
+    from unclip_jax.models.prior import prior_from_config
+    from unclip_jax.pipelines.prior import sampler_from_config
+
+    config, params = _run_of_kind(path, "prior")
+    model = prior_from_config(config.model)
+    return PriorStage("diffusion", sampler_from_config(model, config), params, model,
+                      sample=dict(config.sample))  # fmt: skip
+
+
+def ar_prior_from_run(path) -> PriorStage:
+    from unclip_jax.models.ar_prior import ar_prior_from_config
+    from unclip_jax.pipelines.ar_prior import ARPriorSampler
+    from unclip_jax.train.unclip_kinds import load_codec
+
+    config, params = _run_of_kind(path, "ar_prior")
+    model = ar_prior_from_config(config.model)
+    return PriorStage("ar", ARPriorSampler(model), params, model, codec=load_codec(path),
+                      sample=dict(config.sample))  # fmt: skip
+
+
+def _stage(model, params, config, make_model_fn) -> DiffusionStage:
+    size = model.image_size
+    return DiffusionStage(make_model_fn(model), params, config.diffusion, (size, size, 3))
+
+
+def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None,
+                       upsamplers=()) -> UnclipPipeline:  # fmt: skip
+    """An UnclipPipeline from run folders (`unclip-jax train` workdirs)."""
+    from unclip_jax.models.decoder import decoder_from_config, make_model_fn, upsampler_from_config
+    from unclip_jax.tokenizers import glide_tokenizer_from_config
+
+    dec_config, dec_params = _run_of_kind(decoder, "decoder")
+    dec_model = decoder_from_config(dec_config.model)
+    glide = dec_model.text is not None
+    pipe = UnclipPipeline(
+        clip=clip_from_run(clip),
+        decoder=_stage(dec_model, dec_params, dec_config, make_model_fn),
+        decoder_model=dec_model,
+        decoder_sample=dict(dec_config.sample),
+        glide_tokenizer=glide_tokenizer_from_config(dec_config.data) if glide else None,
+        pad_id=dec_config.model.text.pad_id if glide else None,
+    )
+    if prior is not None:
+        pipe.priors["diffusion"] = prior_from_run(prior)
+    if ar_prior is not None:
+        pipe.priors["ar"] = ar_prior_from_run(ar_prior)
+    for path in upsamplers:
+        config, params = _run_of_kind(path, "upsampler")
+        model = upsampler_from_config(config.model)
+        pipe.upsamplers.append((_stage(model, params, config, make_model_fn),
+                                dict(config.sample)))  # fmt: skip
+    return pipe
