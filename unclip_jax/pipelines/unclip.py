@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +54,13 @@ class ClipEncoder:
     images(x [B, H, W, 3] in [-1, 1]) -> image embeddings [B, D].
     """
 
-    def __init__(self, model, params, tokenizer):
+    def __init__(self, model, params, tokenizer, *, image_model=None, image_params=None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
+        # Karlo/diffusers ship the towers as separate models (text_encoder, image_encoder).
+        self.image_model = model if image_model is None else image_model
+        self.image_params = params if image_model is None else image_params
         self._text = jax.jit(functools.partial(_text_forward, model))
-        self._image = jax.jit(functools.partial(_image_forward, model))
+        self._image = jax.jit(functools.partial(_image_forward, self.image_model))
 
     def text(self, prompts: list[str]) -> dict:
         tokens = self.tokenizer(list(prompts))
@@ -66,7 +70,10 @@ class ClipEncoder:
                 "tokens": jnp.asarray(tokens.input_ids, jnp.int32)}  # fmt: skip
 
     def images(self, images) -> jax.Array:
-        return self._image(self.params, jnp.asarray(images, jnp.float32))
+        if self.image_model.vision is None:
+            raise ValueError("this CLIP has no image tower: variations and interpolations need "
+                             "one (Karlo: the image_encoder folder)")  # fmt: skip
+        return self._image(self.image_params, jnp.asarray(images, jnp.float32))
 
 
 def _pad_text(text: dict, length: int) -> dict:
@@ -83,6 +90,23 @@ def _pad_text(text: dict, length: int) -> dict:
         "text_mask": jnp.pad(text["text_mask"], ((0, 0), (0, pad))),
         "tokens": jnp.pad(text["tokens"], ((0, 0), (0, pad))),
     }
+
+
+def make_last_step_model_fn(model) -> Callable:
+    """model_fn over params {"first": ..., "last": ...}: the "last" network runs at t = 0 only.
+
+    Karlo's 64 -> 256 upsampler samples 7 ancestral steps with one network and a second one,
+    fine-tuned separately, for the final step (SPEC 4.4); a `lax.cond` on the timestep picks it
+    inside the jitted loop.
+    """
+
+    def model_fn(params, x, t, cond):
+        def run(which):
+            return model.apply({"params": params[which]}, x, t, cond)
+
+        return jax.lax.cond(t[0] == 0, lambda: run("last"), lambda: run("first"))
+
+    return model_fn
 
 
 def _scales(value, batch: int):
@@ -364,4 +388,74 @@ def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None,
         model = upsampler_from_config(config.model)
         pipe.upsamplers.append((_stage(model, params, config, make_model_fn),
                                 dict(config.sample)))  # fmt: skip
+    return pipe
+
+
+def pipeline_from_diffusers(
+    root,
+    *,
+    prior_config: str = "prior_diffusion:karlo",
+    decoder_config: str = "decoder64:karlo",
+    upsampler_config: str = "upsample256:karlo",
+) -> UnclipPipeline:
+    """An UnclipPipeline from a diffusers unCLIP folder (kakaobrain/karlo-v1-alpha's layout):
+    text_encoder/ + tokenizer/ (CLIP), prior/, text_proj/ + decoder/, super_res_first/ (and
+    super_res_last/, used for the final step), image_encoder/ (optional: variations).
+
+    Diffusion and sampling settings come from the named configs' `diffusion` and `sample`
+    sections (Karlo's: prior 25 steps guidance 4 with x_0 clamped to [-10, 10], decoder learned
+    range with guidance 8, super-res 7 ancestral steps). Nothing is downloaded.
+    """
+    from unclip_jax import config_utils
+    from unclip_jax.convert.clip import load_hf_clip
+    from unclip_jax.convert.diffusers_prior import load_diffusers_prior
+    from unclip_jax.convert.diffusers_unclip import load_diffusers_decoder, load_diffusers_upsampler
+    from unclip_jax.models.clip import clip_from_config
+    from unclip_jax.models.decoder import make_model_fn
+    from unclip_jax.pipelines.prior import sampler_from_config
+    from unclip_jax.tokenizers import ClipTokenizer
+
+    root = pathlib.Path(root)
+    for name in ("text_encoder", "tokenizer", "prior", "text_proj", "decoder"):
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"{root / name} is missing: not a diffusers unCLIP folder")
+    text_cfg, text_params = load_hf_clip(root / "text_encoder")
+    text_model = clip_from_config(text_cfg)
+    context = text_cfg.text.context_length
+    tokenizer = ClipTokenizer.from_pretrained(root / "tokenizer", context_length=context)
+    image_model = image_params = None
+    if (root / "image_encoder").is_dir():
+        image_cfg, image_params = load_hf_clip(root / "image_encoder")
+        image_model = clip_from_config(image_cfg)
+    clip = ClipEncoder(text_model, text_params, tokenizer, image_model=image_model,
+                       image_params=image_params)  # fmt: skip
+
+    prior_cfg = config_utils.load_config(prior_config)
+    prior_model, prior_params = load_diffusers_prior(root / "prior")
+    prior = PriorStage("diffusion", sampler_from_config(prior_model, prior_cfg), prior_params,
+                       prior_model, sample=dict(prior_cfg.sample))  # fmt: skip
+
+    dec_cfg = config_utils.load_config(decoder_config)
+    dec_model, dec_params = load_diffusers_decoder(root)
+    size = dec_model.image_size
+    decoder = DiffusionStage(make_model_fn(dec_model), dec_params, dec_cfg.diffusion,
+                             (size, size, 3))  # fmt: skip
+    pipe = UnclipPipeline(
+        clip=clip,
+        decoder=decoder,
+        decoder_model=dec_model,
+        priors={"diffusion": prior},
+        decoder_sample=dict(dec_cfg.sample),
+    )
+
+    if (root / "super_res_first").is_dir():
+        up_cfg = config_utils.load_config(upsampler_config)
+        up_model, first = load_diffusers_upsampler(root / "super_res_first", low_res_size=size)
+        fn, params = make_model_fn(up_model), first
+        if (root / "super_res_last").is_dir():
+            _, last = load_diffusers_upsampler(root / "super_res_last", low_res_size=size)
+            fn, params = make_last_step_model_fn(up_model), {"first": first, "last": last}
+        shape = (up_model.image_size, up_model.image_size, 3)
+        stage = DiffusionStage(fn, params, up_cfg.diffusion, shape)
+        pipe.upsamplers.append((stage, dict(up_cfg.sample)))
     return pipe
