@@ -42,6 +42,9 @@ fixtures: $(VENV)/.stamp-parity
 	$(BIN)/python tests/fixtures/make_diffusion_fixtures.py
 	$(BIN)/python tests/fixtures/make_unet_fixtures.py
 	$(BIN)/python tests/fixtures/make_clip_fixtures.py
+	$(BIN)/python tests/fixtures/make_prior_fixtures.py
+	$(BIN)/python tests/fixtures/make_decoder_fixtures.py
+	$(BIN)/python tests/fixtures/make_karlo_fixtures.py
 
 ## bench: side-by-side benchmarks against the PyTorch reference; JSON in benchmarks/results/
 bench: $(VENV)/.stamp-parity
