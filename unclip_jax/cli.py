@@ -315,6 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
     interp.add_argument("--out", default="outputs/interpolate")
     interp.set_defaults(func=_cmd_interpolate, prior="none", prior_run=None, ar_prior_run=None)
 
+    from unclip_jax.eval.ablate import add_ablate_arguments, run_ablate
+    from unclip_jax.eval.report import add_eval_arguments, run_eval
+
+    ablate_cmd = sub.add_parser(
+        "ablate",
+        help="guidance-scale x prior-type ablation of unCLIP (and GLIDE)",
+        description="Sweep decoder/prior guidance scales and prior types (GLIDE's scales with "
+        "--glide-base), batched with per-example scales (one compilation per stage); writes "
+        "ablation.csv/json, three plots and grids/ to --out.",
+    )
+    add_ablate_arguments(ablate_cmd)
+    ablate_cmd.set_defaults(func=run_ablate)
+    eval_cmd = sub.add_parser(
+        "eval",
+        help="faithfulness, CLIP score, diversity and Frechet distance of a samples folder",
+        description="Score a folder written by `sample` (record.json + images): shapes caption "
+        "faithfulness per attribute, CLIP score and diversity (--clip RUN), Frechet distance on "
+        "CLIP features against --reference or a shapes split.",
+    )
+    add_eval_arguments(eval_cmd)
+    eval_cmd.set_defaults(func=run_eval)
+
     from unclip_jax.data.embeddings import add_embed_arguments
 
     data = sub.add_parser("data", help="prepare datasets (CLIP embeddings as a side dataset)")
