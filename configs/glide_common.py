@@ -69,6 +69,10 @@ def training(c, tiny: bool, *, batch_size=2048, steps=2_500_000, sharding_rules=
     o.ema_decay, o.batch_size, o.steps, o.accum_steps = 0.9999, batch_size, steps, 1
     c.train.log_every = 100
     c.train.max_nonfinite_in_row = 20
+    # Held-out loss on the validation split and EMA sample grids (kinds that offer them).
+    c.train.eval_every, c.train.eval_batches = 5000, 8
+    c.train.sample_every, c.train.sample_respacing = 10_000, "25"
+    c.train.tensorboard = True
     k = c.ckpt = ml_collections.ConfigDict()
     k.save_every, k.keep, k.keep_every, k.init_from = 5000, 3, 100_000, ""
     d = c.data = ml_collections.ConfigDict()
@@ -78,6 +82,8 @@ def training(c, tiny: bool, *, batch_size=2048, steps=2_500_000, sharding_rules=
     if tiny:
         o.lr, o.ema_decay, o.batch_size, o.steps = 1e-3, 0.99, 16, 30
         c.train.log_every = 5
+        c.train.eval_every, c.train.eval_batches = 15, 1
+        c.train.sample_every, c.train.sample_respacing = 30, "10"
         k.save_every, k.keep_every = 10, 0
         d.config, d.tokenizer = "tiny", "bytes"
         c.sharding_rules = "data_parallel"

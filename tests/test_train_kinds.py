@@ -24,6 +24,12 @@ def test_tiny_glide_trains_on_shapes(tmp_path):
     _, saved_config, data_state = ckpt.restore()
     ckpt.close()
     assert saved_config["kind"] == "glide" and "grain" in data_state
+    # Held-out loss on the validation split at steps 15 and 30; an EMA sample grid at the end.
+    lines = (tmp_path / "run" / "eval_metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(x) for x in lines]
+    assert [m["step"] for m in evals] == [15, 30]
+    with Image.open(tmp_path / "run" / "samples" / "step_000030.png") as grid:
+        assert grid.size == (2 + 2 * 18, 2 + 2 * 18)  # 3 prompts, 16 px tiles, 2 columns
 
     # The trained run samples from the command line: grid, one PNG per image, a JSON record.
     out = tmp_path / "samples"

@@ -54,7 +54,15 @@ def to_uint8(images) -> np.ndarray:
 
 
 def make_grid(images, ncol: int | None = None, pad: int = 2) -> np.ndarray:
-    """[B, H, W, C] in [-1, 1] -> one uint8 [rows, cols] grid image with `pad` white pixels."""
+    """[B, H, W, C] (or [B, H, W]) in [-1, 1] -> one uint8 RGB grid image, `ncol` columns
+    (default ceil(sqrt(B))) and `pad` white pixels between tiles."""
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.ndim != 4:
+        raise ValueError(f"expected images [B, H, W, C], got {images.shape}")
     images = to_uint8(images)
     b, h, w, c = images.shape
     ncol = ncol or int(np.ceil(np.sqrt(b)))

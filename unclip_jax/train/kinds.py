@@ -91,15 +91,45 @@ def glide_kind(config) -> ModelKind:
                                 caption_drop=config.train.caption_drop, pad_id=text.pad_id,
                                 low_res_size=low)  # fmt: skip
 
-    def data(global_batch, process_index, process_count):
+    def batches(split, global_batch, process_index, process_count, **kw):
         if config.data.name != "shapes":
             raise ValueError(f"data.name {config.data.name!r}: only 'shapes' is wired up so far")
         builder = shapes_builder.build_shapes(config.data.dir, config.data.config)
-        source = builder.as_data_source(config.data.split)
         grain_loader = loader.make_loader(
-            source, global_batch=global_batch, seed=config.seed, image_size=size,
-            process_index=process_index, process_count=process_count,
+            builder.as_data_source(split), global_batch=global_batch, seed=config.seed,
+            image_size=size, process_index=process_index, process_count=process_count, **kw,
         )  # fmt: skip
         return loader.TokenizedBatches(grain_loader, tokenizer, text.text_ctx, text.pad_id)
 
-    return ModelKind(init=init, loss_fn=loss_fn, data=data)
+    def data(global_batch, process_index, process_count):
+        return batches(config.data.split, global_batch, process_index, process_count)
+
+    def eval_data(global_batch, process_index, process_count):
+        # The validation split in a fixed order (held-out loss, train.eval_every).
+        return batches("validation", global_batch, process_index, process_count, shuffle=False)
+
+    sample = None
+    if low is None:  # base / inpaint models sample from captions alone
+        from unclip_jax.pipelines.glide import GlideStage
+        from unclip_jax.tokenizers import glide_tokenize
+
+        prompts = list(config.train.get("sample_prompts", SAMPLE_PROMPTS))
+        stage = GlideStage(model, None, config.diffusion)  # one model_fn: one compilation
+        tokens, mask = glide_tokenize(tokenizer, prompts, text.text_ctx, text.pad_id, warn=False)
+        null_tokens, null_mask = glide_tokenize(tokenizer, [""] * len(prompts), text.text_ctx,
+                                                text.pad_id)  # fmt: skip
+        scale = config.get("sample", {}).get("guidance_scale", 3.0)
+
+        def sample(ema_params, rng):
+            stage.params = ema_params
+            return stage.sample({"tokens": tokens, "mask": mask}, rng,
+                                respacing=config.train.get("sample_respacing", "25"),
+                                null_cond={"tokens": null_tokens, "mask": null_mask},
+                                guidance_scale=jnp.full((len(prompts),), scale))  # fmt: skip
+
+    return ModelKind(init=init, loss_fn=loss_fn, data=data, eval_data=eval_data, sample=sample)
+
+
+# Captions of the shapes grammar: two seen compositions and one held out (purple triangle).
+SAMPLE_PROMPTS = ("a red circle", "a blue square to the left of a green triangle",
+                  "a purple triangle")  # fmt: skip

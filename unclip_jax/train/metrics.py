@@ -18,7 +18,7 @@ import logging
 import math
 import pathlib
 
-import numpy as np
+from unclip_jax import imaging
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class MetricWriter:
         """images [N, H, W, 3] in [-1, 1] -> samples/step_XXXXXX.png (and TensorBoard)."""
         if not self.enabled:
             return None
-        grid = make_grid(images)
+        grid = imaging.make_grid(images)
         path = self.workdir / "samples" / f"step_{int(step):06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         from PIL import Image
@@ -99,28 +99,6 @@ def memory_stats(compiled) -> dict:
               "temp_mib": "temp_size_in_bytes", "alias_mib": "alias_size_in_bytes",
               "code_mib": "generated_code_size_in_bytes"}  # fmt: skip
     return {k: getattr(memory, f) / 2**20 for k, f in fields.items() if hasattr(memory, f)}
-
-
-def make_grid(images, pad: int = 2) -> np.ndarray:
-    """[N, H, W, 3] (or [N, H, W]) floats in [-1, 1] -> one uint8 [rows*H', cols*W', 3] image,
-    ceil(sqrt(N)) columns, `pad` white pixels between tiles."""
-    images = np.asarray(images, np.float32)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected images [N, H, W, 3], got {images.shape}")
-    images = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    n, h, w, _ = images.shape
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y : y + h, x : x + w] = image
-    return grid
 
 
 class Progress:
