@@ -194,6 +194,15 @@ def _cmd_interpolate(args) -> None:
     print(f"wrote {args.n} interpolation frames: {paths['grid']}")
 
 
+def _cmd_data_prepare(args) -> None:
+    from unclip_jax.data.embeddings import open_source
+
+    builder = open_source(args.dataset, args.data_dir)
+    splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+    print(f"{builder.info.full_name} in {builder.data_dir}: " +
+          ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))  # fmt: skip
+
+
 def _cmd_data_embed(args) -> None:
     from unclip_jax.data.embeddings import run_embed
 
@@ -351,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_embed_arguments(embed)
     embed.set_defaults(func=_cmd_data_embed)
+    prepare = data_sub.add_parser(
+        "prepare",
+        help="build a dataset (shapes or an image-text folder) as tfds array_record",
+        description="Build `shapes[:tiny|small|default]` (the procedural captioned shapes) or "
+        "`image_text:<folder>` (images + captions: a folder of .txt pairs, a CSV/parquet, or "
+        "webdataset tar shards; unreadable images are skipped and reported) under --data_dir. "
+        "Already built datasets are reused.",
+    )
+    prepare.add_argument("--dataset", required=True, help="shapes[:config] or image_text:<folder>")
+    prepare.add_argument("--data_dir", required=True, help="tfds folder to build into")
+    prepare.set_defaults(func=_cmd_data_prepare)
     return parser
 
 
