@@ -22,7 +22,9 @@ $(VENV)/.stamp-parity: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,parity]'
 	touch $@
 
-## demo: the main job (today: the diffusion-core toy demo; see README)
+## demo: the embedded default (configs/shapes_demo.py): builds shapes, trains a tiny unCLIP stack
+## and GLIDE base on CPU, samples grids and runs an ablation into outputs/demo (~16 min on 2 cores;
+## a rerun reuses the trained runs). `unclip-jax demo --toy` runs the diffusion-core toy demo.
 demo: $(VENV)/.stamp-base
 	$(BIN)/unclip-jax demo
 

@@ -1,4 +1,5 @@
-"""The command line and config loading: the toy demo end to end, and one-line user errors."""
+"""The command line and config loading: the toy demo end to end (the shapes demo is
+tests/test_demo.py), and one-line user errors."""
 
 import json
 
@@ -31,7 +32,7 @@ def test_demo_runs_then_reuses_its_model(tmp_path, capsys):
     # A second run with the same config loads the saved weights instead of training.
     assert cli.main(["demo", "--config", "toy2d:tiny", "--out", str(out)]) == 0
     assert json.loads((out / "toy2d.json").read_text())["train_history"] is None
-    assert "furthest end-to-end path" in capsys.readouterr().out
+    assert "diffusion-core toy demo" in capsys.readouterr().out
 
 
 def test_user_errors_exit_2_with_one_line(capsys):

@@ -1,0 +1,64 @@
+"""The embedded default demo in miniature (configs/shapes_demo.py:mini): every stage end to end on
+`shapes` tiny with a few steps per model, every artefact written and parsed (grids, JSON records,
+the ablation table and plots); then a second run reuses every trained model and cached stage."""
+
+import csv
+import json
+import pathlib
+
+from PIL import Image
+
+from unclip_jax import config_utils
+from unclip_jax.demo import shapes
+
+TRAINED = ("clip", "prior", "ar_prior", "decoder", "upsampler", "glide")
+
+
+def _png(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.load()
+        return image.size
+
+
+def test_mini_demo_end_to_end_then_reused(tmp_path):
+    config = config_utils.load_config("shapes_demo:mini")
+    out = tmp_path / "demo"
+    report = shapes.run(config, out)
+
+    stages = report["stages"]
+    assert list(stages) == ["data", "clip", "embed", *TRAINED[1:], "sample", "ablation"]
+    assert json.loads((out / "demo.json").read_text())["stages"].keys() == stages.keys()
+    for name in TRAINED:
+        record = stages[name]
+        assert not record["skipped"] and record["step"] == config.stages[name].steps, name
+        assert record["final_loss"] is not None and record["seconds"] > 0
+    assert (out / "runs" / "clip" / "tokenizer").is_dir()
+    assert (out / "embeddings" / "null_text.npz").exists()
+
+    prompts = [p for p in config.sample.prompts for _ in range(config.sample.per_prompt)]
+    for pipe, size in (("unclip", 64), ("glide", 32)):
+        record = json.loads((out / "samples" / pipe / "record.json").read_text())
+        assert record["prompts"] == prompts and len(record["images"]) == len(prompts)
+        assert _png(record["images"][0]) == (size, size)
+        assert _png(record["grid"])[0] > size
+        faith = stages["sample"][pipe]["faithfulness"]
+        assert set(faith) == {"all", "seen", "held_out"}
+        assert 0.0 <= faith["all"]["caption"] <= 1.0
+
+    ablation = stages["ablation"]
+    with open(ablation["paths"]["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == ablation["rows"] > 0
+    assert {r["pipeline"] for r in rows} == {"unclip", "glide"}
+    assert json.loads(pathlib.Path(ablation["paths"]["json"]).read_text())
+    for plot in ablation["paths"]["plots"]:
+        assert _png(plot)[0] > 100
+    assert ablation["summary"] and all(isinstance(line, str) for line in ablation["summary"])
+    table = "\n".join(shapes.format_report(report))
+    assert "seen / held-out" in table and "total" in table
+
+    # A second run trains nothing and reuses the samples and the ablation.
+    again = shapes.run(config, out)["stages"]
+    assert all(again[name]["skipped"] for name in (*TRAINED, "embed", "sample", "ablation"))
+    assert again["sample"]["unclip"] == stages["sample"]["unclip"]
+    assert sum(again[name]["cpu_seconds"] for name in again) < 60

@@ -1,0 +1,412 @@
+"""The embedded default (`make demo`): a tiny unCLIP stack and GLIDE base trained on `shapes`.
+
+`run(config, out_dir)` goes through the stages in order, timing each (wall and CPU seconds):
+
+    data       build the procedural shapes split (configs/shapes_demo.py: data.config)
+    clip       contrastive CLIP with a BPE trained on the captions        -> runs/clip
+    embed      CLIP image/text embeddings of the train split              -> embeddings/
+    prior      diffusion prior (text -> image embedding)                  -> runs/prior
+    ar_prior   autoregressive prior                                       -> runs/ar_prior
+    decoder    32 px decoder on image embeddings                          -> runs/decoder
+    upsampler  32 -> 64 upsampler                                         -> runs/upsampler
+    glide      32 px GLIDE base                                           -> runs/glide
+    sample     grids, one row per prompt (unCLIP and GLIDE)               -> samples/{unclip,glide}
+               and their caption faithfulness (eval.faithfulness.evaluate_shapes), over all
+               samples, the seen and the held-out compositions
+    ablation   guidance scale x prior type (eval.ablate.run_ablation)     -> ablation/
+
+Reuse. A training stage whose run folder holds its final step is skipped; one with an earlier
+checkpoint resumes (the shared loop's own resume). The run's config is recorded beside it
+(demo_stage.json) and a rerun with a different model or data refuses to mix them. Sampling and the
+ablation are cached by a fingerprint (their settings + the step of every model they read) kept in
+demo.json: a second run with the same config only reloads the records, which is what keeps it
+under two minutes on CPU (compiled samplers do not survive the process). Everything, timings
+included, goes to <out>/demo.json; `format_report` renders the final table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import pathlib
+import resource
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TRAINED = ("clip", "prior", "ar_prior", "decoder", "upsampler", "glide")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (XLA's threads included)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def _fingerprint(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _to_plain(value):
+    """ConfigDicts, tuples and numpy scalars as JSON values."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def latest_step(workdir: pathlib.Path) -> int | None:
+    """The last finished checkpoint of a run (orbax names them by step), without opening it."""
+    folder = pathlib.Path(workdir) / "checkpoints"
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    return max(steps, default=None)
+
+
+def final_metrics(workdir: pathlib.Path) -> dict:
+    """The last record of the run's metrics.jsonl (loss and friends), {} if none."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+class Demo:
+    """The state of one demo run: its folders, its report and the previous run's report."""
+
+    def __init__(self, config, out_dir):
+        self.config = config
+        self.out = pathlib.Path(out_dir).absolute()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data_dir = pathlib.Path(config.data.dir or self.out / "data").absolute()
+        self.embeddings = self.out / "embeddings"
+        path = self.out / "demo.json"
+        self.previous = json.loads(path.read_text()) if path.exists() else {}
+        self.report = {"config": _to_plain(config), "stages": {}, "out": str(self.out)}
+
+    def run_dir(self, name: str) -> pathlib.Path:
+        return self.out / "runs" / name
+
+    @contextlib.contextmanager
+    def stage(self, name: str, output):
+        """Time a stage; the body fills the yielded record (skipped, numbers...)."""
+        record = {"output": str(output), "skipped": False}
+        print(f"[demo] {name} ...", flush=True)
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        yield record
+        record["seconds"] = round(time.perf_counter() - wall, 2)
+        record["cpu_seconds"] = round(_cpu_seconds() - cpu, 2)
+        self.report["stages"][name] = record
+        done = "reused" if record["skipped"] else "done"
+        print(f"[demo] {name} {done} in {record['seconds']:.1f} s", flush=True)
+        self.save()
+
+    def cached(self, name: str, fingerprint: str) -> dict | None:
+        """The previous run's record of a stage with this fingerprint, if its files remain."""
+        old = self.previous.get("stages", {}).get(name)
+        if old and old.get("fingerprint") == fingerprint and pathlib.Path(old["output"]).exists():
+            return old
+        return None
+
+    def save(self) -> None:
+        path = self.out / "demo.json"
+        path.write_text(json.dumps(_to_plain(self.report), indent=1, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------ training
+def stage_config(demo: Demo, name: str):
+    """The stage's training config: its base config, the demo's numbers and overrides."""
+    from unclip_jax import config_utils
+
+    s = demo.config.stages[name]
+    overrides = [
+        f"data.dir={demo.data_dir}",
+        f"data.config={demo.config.data.config}",
+        f"optim.steps={s.steps}",
+        f"optim.batch_size={s.batch_size}",
+        f"optim.lr={s.lr}",
+        f"ckpt.save_every={max(1, s.steps // 4)}",  # a killed run resumes from its last quarter
+        "ckpt.keep_every=0",
+        f"train.log_every={max(1, min(50, s.steps // 10))}",
+        f"seed={demo.config.seed}",
+    ]
+    if name in ("prior", "ar_prior", "decoder"):
+        overrides.append(f"data.embeddings={demo.embeddings}")
+    config = config_utils.load_config(s.config, overrides + list(s.overrides))
+    with config.unlocked():
+        config.train.tensorboard = False  # metrics.jsonl is enough here
+        # No held-out losses or sample grids during training: the demo samples at the end.
+        for key in ("eval_every", "sample_every"):
+            if key in config.train:
+                config.train[key] = 0
+    return config
+
+
+def _identity(config) -> dict:
+    """What must not change between a run and its resumption (steps and logging may)."""
+    plain = json.loads(config.to_json())
+    plain["optim"].pop("steps", None)
+    plain["optim"].pop("total_steps", None)
+    plain.pop("ckpt", None)
+    for key in ("dir", "embeddings"):  # folders may move with the output folder
+        plain["data"].pop(key, None)
+    for key in (
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "sample_every",
+        "sample_respacing",
+        "tensorboard",
+    ):  # what is logged, not what is trained
+        plain.get("train", {}).pop(key, None)
+    return plain
+
+
+def train_stage(demo: Demo, name: str) -> None:
+    """Train one model unless its run already holds the final step (then resume or skip)."""
+    from unclip_jax.train.loop import train
+
+    workdir = demo.run_dir(name)
+    config = stage_config(demo, name)
+    with demo.stage(name, workdir) as record:
+        identity_path = workdir / "demo_stage.json"
+        if identity_path.exists():
+            old = json.loads(identity_path.read_text())
+            if old != _identity(config):
+                diff = sorted(k for k in set(old) | set(_identity(config))
+                              if old.get(k) != _identity(config).get(k))  # fmt: skip
+                raise ValueError(f"{workdir} was trained with a different config ({diff} "
+                                 "differ): remove it or use another --out")  # fmt: skip
+        step = latest_step(workdir)
+        record["resumed_from"] = step
+        if step is not None and step >= config.optim.steps:
+            record["skipped"] = True
+        else:
+            workdir.mkdir(parents=True, exist_ok=True)
+            identity_path.write_text(json.dumps(_identity(config), indent=1) + "\n")
+            train(config, workdir)
+        record["step"] = latest_step(workdir)
+        metrics = final_metrics(workdir)
+        record["final_loss"] = metrics.get("loss")
+        record["steps_per_s"] = metrics.get("steps_per_s")
+
+
+def embed_stage(demo: Demo) -> None:
+    """CLIP embeddings of the train split (data.embeddings' resumable writer)."""
+    from unclip_jax.data.embeddings import run_embed
+
+    clip_step = latest_step(demo.run_dir("clip"))
+    with demo.stage("embed", demo.embeddings) as record:
+        marker = demo.embeddings / "demo_clip_step.json"
+        done = json.loads(marker.read_text()) if marker.exists() else None
+        if done is not None and done.get("clip_step") != clip_step:
+            raise ValueError(f"{demo.embeddings} holds the embeddings of another CLIP step: remove "
+                             "it (and the runs trained on it) or use another --out")  # fmt: skip
+        if done is not None and done.get("complete"):  # no need to load CLIP at all
+            record.update(skipped=True, examples=done["examples"])
+            return
+        args = argparse.Namespace(
+            dataset=f"shapes:{demo.config.data.config}", data_dir=str(demo.data_dir),
+            split="train", out=str(demo.embeddings), clip_config=None,
+            clip_checkpoint=str(demo.run_dir("clip")), clip_step=None, clip_weights="params",
+            clip_hf=None, clip_dtype=None, tokenizer=None,
+            batch_size=demo.config.embed_batch_size, examples_per_shard=4096,
+            token_dtype="float32", no_stats=False,
+        )  # fmt: skip
+        report = run_embed(args)  # resumes shard by shard
+        marker.write_text(json.dumps({"clip_step": clip_step, "complete": report.complete,
+                                      "examples": report.num_examples}))  # fmt: skip
+        record["skipped"] = bool(report.already_complete)
+        record["examples"] = report.num_examples
+
+
+# ------------------------------------------------------------------------------------ sampling
+class Pipelines:
+    """The unCLIP and GLIDE pipelines, loaded on first use (a cached rerun never loads them)."""
+
+    def __init__(self, demo: Demo):
+        self.demo = demo
+        self._unclip = self._glide = None
+
+    @property
+    def unclip(self):
+        if self._unclip is None:
+            from unclip_jax.pipelines.unclip import pipeline_from_runs
+
+            d = self.demo
+            self._unclip = pipeline_from_runs(
+                clip=d.run_dir("clip"), decoder=d.run_dir("decoder"), prior=d.run_dir("prior"),
+                ar_prior=d.run_dir("ar_prior"), upsamplers=[d.run_dir("upsampler")],
+            )  # fmt: skip
+        return self._unclip
+
+    @property
+    def glide(self):
+        if self._glide is None:
+            from unclip_jax.pipelines.glide import pipeline_from_runs
+
+            self._glide = pipeline_from_runs(self.demo.run_dir("glide"))
+        return self._glide
+
+
+def faithfulness(images, prompts, held_out) -> dict:
+    """evaluate_shapes over all samples, the seen and the held-out compositions."""
+    from unclip_jax.eval.faithfulness import evaluate_shapes
+
+    images = np.asarray(images)
+    out = {}
+    for group, keep in (("all", [True] * len(prompts)),
+                        ("seen", [p not in held_out for p in prompts]),
+                        ("held_out", [p in held_out for p in prompts])):  # fmt: skip
+        idx = [i for i, k in enumerate(keep) if k]
+        if idx:
+            out[group] = evaluate_shapes(images[idx], [prompts[i] for i in idx])
+    return _to_plain(out)  # NaN (an attribute no caption states) -> None, as in demo.json
+
+
+def sample_stage(demo: Demo, pipes: Pipelines) -> None:
+    """A grid per pipeline: one row per prompt, `per_prompt` samples each, then faithfulness."""
+    import jax
+
+    from unclip_jax.pipelines.outputs import save_samples
+
+    s = demo.config.sample
+    steps = {n: latest_step(demo.run_dir(n)) for n in TRAINED}
+    fingerprint = _fingerprint([_to_plain(s), steps, demo.config.seed])
+    out = demo.out / "samples"
+    with demo.stage("sample", out) as record:
+        old = demo.cached("sample", fingerprint)
+        if old is not None:
+            record.update({k: v for k, v in old.items() if k not in ("seconds", "cpu_seconds")})
+            record["skipped"] = True
+            return
+        record["fingerprint"] = fingerprint
+        prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
+        rng = jax.random.key(demo.config.seed)
+        start = time.perf_counter()
+        result = pipes.unclip(prompts, rng, prior=s.prior, prior_guidance=s.prior_guidance,
+                              decoder_guidance=s.decoder_guidance,
+                              decoder_respacing=str(s.decoder_steps),
+                              upsample=s.upsample)  # fmt: skip
+        images = np.asarray(jax.device_get(result["images"]))
+        paths = save_samples(out / "unclip", images, dict(
+            pipeline="unclip", prompts=prompts, prior=s.prior, prior_guidance=s.prior_guidance,
+            decoder_guidance=s.decoder_guidance, decoder_steps=s.decoder_steps,
+            upsampled=s.upsample, seed=demo.config.seed, model_steps=steps,
+            seconds=time.perf_counter() - start), ncol=s.per_prompt)  # fmt: skip
+        record["unclip"] = {"grid": paths["grid"], "record": paths["record"],
+                            "faithfulness": faithfulness(images, prompts, s.held_out)}  # fmt: skip
+        start = time.perf_counter()
+        result = pipes.glide(prompts, jax.random.fold_in(rng, 1), guidance_scale=s.glide_guidance,
+                             base_respacing=str(s.glide_steps))  # fmt: skip
+        images = np.asarray(jax.device_get(result["images"]))
+        paths = save_samples(out / "glide", images, dict(
+            pipeline="glide", prompts=prompts, guidance=s.glide_guidance, steps=s.glide_steps,
+            seed=demo.config.seed, model_steps=steps,
+            seconds=time.perf_counter() - start), ncol=s.per_prompt)  # fmt: skip
+        record["glide"] = {"grid": paths["grid"], "record": paths["record"],
+                           "faithfulness": faithfulness(images, prompts, s.held_out)}  # fmt: skip
+
+
+def ablation_stage(demo: Demo, pipes: Pipelines) -> None:
+    """Guidance scale x prior type on a few prompts (eval.ablate), cached like the samples."""
+    a = demo.config.ablation
+    out = demo.out / "ablation"
+    with demo.stage("ablation", out) as record:
+        try:
+            from unclip_jax.eval import ablate
+        except ImportError as err:  # the ablation module is optional for the rest of the demo
+            record.update(skipped=True, missing=str(err))
+            print(f"[demo] ablation unavailable ({err}); skipped", flush=True)
+            return
+        steps = {n: latest_step(demo.run_dir(n)) for n in TRAINED}
+        fingerprint = _fingerprint([_to_plain(a), steps, demo.config.seed])
+        old = demo.cached("ablation", fingerprint)
+        if old is not None:
+            record.update({k: v for k, v in old.items() if k not in ("seconds", "cpu_seconds")})
+            record["skipped"] = True
+            return
+        record["fingerprint"] = fingerprint
+        result = ablate.run_ablation(
+            prompts=list(a.prompts), out_dir=out, unclip=pipes.unclip, glide=pipes.glide,
+            prior_types=tuple(a.prior_types), decoder_scales=tuple(a.decoder_scales),
+            prior_scales=tuple(a.prior_scales), glide_scales=tuple(a.glide_scales),
+            samples_per_prompt=a.samples_per_prompt, seed=demo.config.seed,
+            decoder_respacing=str(a.decoder_steps), glide_respacing=str(a.glide_steps),
+            evaluate_faithfulness=True, upsample=a.upsample,
+        )  # fmt: skip
+        record["summary"] = list(result.get("summary") or ablate.summarize(result["rows"]))
+        record["paths"] = result.get("paths", {})
+        record["timings_s"] = result.get("timings_s", {})
+        record["rows"] = len(result["rows"])
+
+
+# ------------------------------------------------------------------------------------ the demo
+def run(config, out_dir) -> dict:
+    """Run (or reuse) every stage of the demo under `out_dir`; returns the report (demo.json)."""
+    from unclip_jax.data.shapes_builder import build_shapes
+
+    demo = Demo(config, out_dir)
+    start_wall, start_cpu = time.perf_counter(), _cpu_seconds()
+    with demo.stage("data", demo.data_dir) as record:
+        builder = build_shapes(str(demo.data_dir), config.data.config)
+        record["train_examples"] = builder.info.splits["train"].num_examples
+    train_stage(demo, "clip")
+    embed_stage(demo)
+    for name in ("prior", "ar_prior", "decoder", "upsampler", "glide"):
+        train_stage(demo, name)
+    pipes = Pipelines(demo)
+    sample_stage(demo, pipes)
+    if config.ablation.enabled:
+        ablation_stage(demo, pipes)
+    demo.report["total_seconds"] = round(time.perf_counter() - start_wall, 2)
+    demo.report["total_cpu_seconds"] = round(_cpu_seconds() - start_cpu, 2)
+    demo.save()
+    return demo.report
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+        f"{value:.2f}")  # fmt: skip
+
+
+def format_report(report: dict) -> list[str]:
+    """The final table: stage, seconds, CPU seconds, output, key numbers; then the ablation."""
+    lines = [f"{'stage':<10}{'wall s':>8}{'cpu s':>8}  {'':<6}  output / numbers"]
+    for name, r in report["stages"].items():
+        notes = []
+        if "final_loss" in r:
+            notes.append(f"step {r.get('step')} loss {_fmt(r['final_loss'])}")
+        for pipe in ("unclip", "glide"):
+            f = r.get(pipe, {}).get("faithfulness", {})
+            if f:
+                seen, held = f.get("seen", {}), f.get("held_out", {})
+                notes.append(
+                    f"{pipe} faithful (seen / held-out): caption {_fmt(seen.get('caption'))} / "
+                    f"{_fmt(held.get('caption'))}, colour {_fmt(seen.get('color'))} / "
+                    f"{_fmt(held.get('color'))}, shape {_fmt(seen.get('shape'))} / "
+                    f"{_fmt(held.get('shape'))}"
+                )
+        tag = "reused" if r.get("skipped") else ""
+        lines.append(f"{name:<10}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}  {tag:<6}  "
+                     f"{r['output']}")  # fmt: skip
+        lines += [f"{'':<36}{n}" for n in notes]
+    lines.append(f"{'total':<10}{report['total_seconds']:>8.1f}{report['total_cpu_seconds']:>8.1f}"
+                 f"  report: {pathlib.Path(report['out']) / 'demo.json'}")  # fmt: skip
+    ablation = report["stages"].get("ablation", {})
+    if ablation.get("summary"):
+        lines.append("ablation:")
+        lines += [f"  {line}" for line in ablation["summary"]]
+    return lines
