@@ -1,7 +1,7 @@
-"""The tiny unCLIP stack end to end through the command line and the shared loop: CLIP on shapes,
-`data embed`, both priors, the decoder and an upsampler (a few steps each), then `sample` with
-every prior type, `vary` and `interpolate`. Training quality is tested per model elsewhere; this
-checks that the pieces compose and that every artefact is written and parses."""
+"""The tiny unCLIP stack composed from run folders: `sample` with every prior type, `vary` and
+`interpolate` through the command line, and the unCLIP user errors. The runs hold random weights
+(tests/run_fixtures.py); training every kind through the loop and `data embed` is
+tests/test_demo.py's miniature demo."""
 
 import json
 
@@ -9,38 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from run_fixtures import make_random_runs
 
-from unclip_jax import cli, config_utils
+from unclip_jax import cli
 from unclip_jax.pipelines.unclip import pipeline_from_runs
-from unclip_jax.train.loop import train
-
-STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("unclip")
-    data, emb = root / "data", root / "embeddings"
-    common = [f"data.dir={data}", f"optim.steps={STEPS}", f"ckpt.save_every={STEPS}"]
-
-    def run(name, config, *extra):
-        cfg = config_utils.load_config(config, common + list(extra))
-        summary = train(cfg, root / name)
-        assert summary["step"] == STEPS
-        return str(root / name)
-
-    out = {"clip": run("clip", "clip_vit_b32:tiny", "optim.batch_size=32", "train.log_every=2")}
-    assert (root / "clip" / "tokenizer").is_dir()
-    argv = ["data", "embed", "--dataset", "shapes:tiny", "--data_dir", str(data),
-            "--clip_checkpoint", out["clip"], "--out", str(emb), "--batch_size", "64"]  # fmt: skip
-    assert cli.main(argv) == 0
-    assert (emb / "null_text.npz").exists()
-    with_emb = [f"data.embeddings={emb}", "optim.batch_size=8"]
-    out["prior"] = run("prior", "prior_diffusion:tiny", *with_emb)
-    out["ar_prior"] = run("ar_prior", "prior_ar:tiny", *with_emb)
-    assert (root / "ar_prior" / "codec.npz").exists()
-    out["decoder"] = run("decoder", "decoder64:tiny", *with_emb)
-    out["upsampler"] = run("upsampler", "upsample256:tiny", "optim.batch_size=8")
+    out = make_random_runs(root, names=("clip", "prior", "ar_prior", "decoder", "upsampler"))
     out["root"] = root
     return out
 
