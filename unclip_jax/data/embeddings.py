@@ -47,7 +47,6 @@ distribution of the cosine similarity z_i.z_t (mean, std, histogram, percentiles
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import json
@@ -69,6 +68,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unclip_jax.data import transforms
+from unclip_jax.data.loader import GrainBatches
 from unclip_jax.models.clip import CLIP, preprocess_images
 
 log = logging.getLogger(__name__)
@@ -559,31 +559,13 @@ class EmbeddingExample(grain.transforms.Map):
         return out
 
 
-class EmbeddingBatches:
+class EmbeddingBatches(GrainBatches):
     """Host batches of the side dataset; `get_state`/`set_state` (JSON-able) resume the order.
 
     Yields {"image_emb", "text_emb": [b, D] float32, "text_tokens": [b, L, Dt] float32,
     "text_mask": [b, L] bool, "tokens": [b, L] int32, "index": [b] int64, "caption": [b] str,
     "image": [b, S, S, 3] float32 in [-1, 1] (joined sources only)}.
     """
-
-    def __init__(self, loader: grain.DataLoader):
-        self._iterator = iter(loader)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v) for k, v in next(self._iterator).items()}
-
-    def get_state(self) -> dict:
-        state = self._iterator.get_state()
-        if isinstance(state, str):
-            state = state.encode()
-        return {"grain": base64.b64encode(state).decode("ascii")}
-
-    def set_state(self, state: dict) -> None:
-        self._iterator.set_state(base64.b64decode(state["grain"]))
 
 
 def make_embedding_loader(

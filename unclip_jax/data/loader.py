@@ -160,35 +160,18 @@ def to_global(batch: dict[str, Any], sharding: NamedSharding) -> dict[str, Any]:
     return {k: put(v) for k, v in batch.items()}
 
 
-class TokenizedBatches:
-    """Host batches of a loader with captions tokenised GLIDE-style, and a JSON-able state.
+class GrainBatches:
+    """An iterator over a grain DataLoader whose position is a JSON-able dict (the grain
+    iterator's state bytes, base64): what the training checkpoint stores to resume the data."""
 
-    Yields {"image": [b, S, S, 3] float32, "tokens": [b, L] int32, "mask": [b, L] bool}.
-    `get_state()`/`set_state()` wrap the grain iterator's state (bytes, base64 in JSON) so the
-    training checkpoint resumes the data order.
-    """
-
-    def __init__(self, loader: grain.DataLoader, tokenizer, text_ctx: int, pad_id: int):
+    def __init__(self, loader: grain.DataLoader):
         self._iterator = iter(loader)
-        self.tokenizer, self.text_ctx, self.pad_id = tokenizer, text_ctx, pad_id
-        self._warned = False
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        from unclip_jax.tokenizers import glide_tokenize
-
-        batch = next(self._iterator)
-        captions = [str(c) for c in batch["caption"]]
-        tokens, mask = glide_tokenize(self.tokenizer, captions, self.text_ctx, self.pad_id,
-                                      warn=False)  # fmt: skip
-        if not self._warned and mask[:, -1].any():
-            logging.getLogger(__name__).warning(
-                "captions longer than the model's %d-token context are truncated", self.text_ctx
-            )
-            self._warned = True
-        return {"image": np.asarray(batch["image"], np.float32), "tokens": tokens, "mask": mask}
+        return {k: np.asarray(v) for k, v in next(self._iterator).items()}
 
     def get_state(self) -> dict:
         import base64
@@ -204,8 +187,37 @@ class TokenizedBatches:
         self._iterator.set_state(base64.b64decode(state["grain"]))
 
 
+class TokenizedBatches(GrainBatches):
+    """Host batches of a loader with captions tokenised GLIDE-style, and a JSON-able state.
+
+    Yields {"image": [b, S, S, 3] float32, "tokens": [b, L] int32, "mask": [b, L] bool}.
+    `get_state()`/`set_state()` wrap the grain iterator's state (bytes, base64 in JSON) so the
+    training checkpoint resumes the data order.
+    """
+
+    def __init__(self, loader: grain.DataLoader, tokenizer, text_ctx: int, pad_id: int):
+        super().__init__(loader)
+        self.tokenizer, self.text_ctx, self.pad_id = tokenizer, text_ctx, pad_id
+        self._warned = False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        from unclip_jax.tokenizers import glide_tokenize
+
+        batch = next(self._iterator)
+        captions = [str(c) for c in batch["caption"]]
+        tokens, mask = glide_tokenize(self.tokenizer, captions, self.text_ctx, self.pad_id,
+                                      warn=False)  # fmt: skip
+        if not self._warned and mask[:, -1].any():
+            logging.getLogger(__name__).warning(
+                "captions longer than the model's %d-token context are truncated", self.text_ctx
+            )
+            self._warned = True
+        return {"image": np.asarray(batch["image"], np.float32), "tokens": tokens, "mask": mask}
+
+
 class MappedBatches:
-    """Host batches of a grain loader (or an EmbeddingBatches) through `fn`, resumable.
+    """Host batches of a loader (a grain DataLoader or any iterator with get_state/set_state,
+    such as EmbeddingBatches) through `fn`, resumable.
 
     `fn(batch) -> batch` runs on the host (tokenising, selecting keys, degradations with a NumPy
     rng seeded from the batch); get_state()/set_state() are those of the wrapped iterator, so
@@ -213,30 +225,17 @@ class MappedBatches:
     """
 
     def __init__(self, batches, fn):
-        self._inner = batches
-        self._iterator = iter(batches) if isinstance(batches, grain.DataLoader) else batches
+        self._inner = GrainBatches(batches) if isinstance(batches, grain.DataLoader) else batches
         self.fn = fn
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return self.fn(next(self._iterator))
+        return self.fn(next(self._inner))
 
     def get_state(self) -> dict:
-        if hasattr(self._iterator, "get_state") and not hasattr(self._inner, "get_state"):
-            import base64
-
-            state = self._iterator.get_state()
-            if isinstance(state, str):
-                state = state.encode()
-            return {"grain": base64.b64encode(state).decode("ascii")}
         return self._inner.get_state()
 
     def set_state(self, state: dict) -> None:
-        if not hasattr(self._inner, "set_state"):
-            import base64
-
-            self._iterator.set_state(base64.b64decode(state["grain"]))
-        else:
-            self._inner.set_state(state)
+        self._inner.set_state(state)
