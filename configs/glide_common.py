@@ -61,6 +61,8 @@ def training(c, tiny: bool, *, batch_size=2048, steps=2_500_000, sharding_rules=
     batch 2048 and 2.5M iterations for the base model."""
     c.kind = "glide"
     c.seed = 0
+    # Compute dtype (bf16 on accelerators); params, optimizer state, norms and losses are float32.
+    c.model.dtype = "float32" if tiny else "bfloat16"
     c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
     c.sharding_rules = sharding_rules
     o = c.optim = ml_collections.ConfigDict()

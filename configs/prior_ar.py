@@ -35,7 +35,7 @@ def get_config(arg=None):
         m.remat = False
     else:
         raise ValueError(f"unknown prior_ar variant {variant!r}: paper or tiny")
-    m.dtype = "float32"
+    m.dtype = "float32" if variant == "tiny" else "bfloat16"  # compute; params stay float32
     c.train = ml_collections.ConfigDict()
     c.train.cond_drop = 0.1  # caption, text embedding and dot token dropped together (SPEC 3.2/3.3)
     c.sample = ml_collections.ConfigDict()

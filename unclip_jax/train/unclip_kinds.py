@@ -77,6 +77,11 @@ def _embedding_batches(config, global_batch, process_index, process_count, keys,
     return MappedBatches(batches, select)
 
 
+def _dtype(config):
+    """The compute dtype of config.model.dtype (params, norms and losses stay float32)."""
+    return jnp.dtype(config.model.get("dtype", "float32"))
+
+
 def _replace_boxed(params, name, value):
     """params with the (possibly LogicallyPartitioned) leaf `name` replaced by `value`."""
     leaf = params[name]
@@ -147,7 +152,7 @@ def prior_kind(config) -> ModelKind:
     from unclip_jax.models.prior import init_params, prior_from_config
     from unclip_jax.train.prior import prior_loss
 
-    model = prior_from_config(config.model)
+    model = prior_from_config(config.model, dtype=_dtype(config))
     folder = _embeddings_dir(config)
     null_text = None
     if not model.learned_null:
@@ -193,7 +198,7 @@ def ar_prior_kind(config, workdir) -> ModelKind:
     from unclip_jax.models.ar_prior import ar_prior_from_config, fit_codec, init_inputs
     from unclip_jax.train.ar_prior import ar_prior_loss
 
-    model = ar_prior_from_config(config.model)
+    model = ar_prior_from_config(config.model, dtype=_dtype(config))
     path = pathlib.Path(workdir) / "codec.npz"
     if path.exists():
         codec = load_codec(workdir)
@@ -238,7 +243,7 @@ def decoder_kind(config) -> ModelKind:
     from unclip_jax.tokenizers import glide_tokenize, glide_tokenizer_from_config
     from unclip_jax.train.unclip import loss_fn_from_config
 
-    model = decoder_from_config(config.model)
+    model = decoder_from_config(config.model, dtype=_dtype(config))
     folder = _embeddings_dir(config)
     glide = model.text is not None
     null_text = None
@@ -278,7 +283,7 @@ def upsampler_kind(config) -> ModelKind:
     from unclip_jax.models.decoder import init_params, upsampler_from_config
     from unclip_jax.train.unclip import bsr_pairs_np, loss_fn_from_config
 
-    model = upsampler_from_config(config.model)
+    model = upsampler_from_config(config.model, dtype=_dtype(config))
     given = config.train.degradation == "given"
 
     def data(global_batch, process_index, process_count):
