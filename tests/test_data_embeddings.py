@@ -13,8 +13,8 @@ import pytest
 
 from unclip_jax.checkpoint import Checkpointer
 from unclip_jax.config_utils import load_config
+from unclip_jax.data import embed_cli, shapes, shapes_builder, transforms
 from unclip_jax.data import embeddings as emb
-from unclip_jax.data import shapes, shapes_builder, transforms
 from unclip_jax.models.clip import clip_from_config, init_params, preprocess_images
 from unclip_jax.tokenizers import train_bpe
 
@@ -158,7 +158,7 @@ def test_statistics_match_numpy(setup):
 
 def _args(**kw):
     parser = argparse.ArgumentParser()
-    emb.add_embed_arguments(parser)
+    embed_cli.add_embed_arguments(parser)
     argv = [f"--{k}={v}" for k, v in kw.items() if v is not True]
     argv += [f"--{k}" for k, v in kw.items() if v is True]
     return parser.parse_args(argv)
@@ -173,7 +173,7 @@ def test_run_embed_from_a_checkpoint_and_user_errors(setup):
     ckpt.close()
     setup["tokenizer"].save(ckpt_dir / "tokenizer")
     dataset = setup["builder"].data_dir  # a prepared tfds folder
-    report = emb.run_embed(_args(dataset=dataset, out=root / "cli", clip_checkpoint=ckpt_dir,
+    report = embed_cli.run_embed(_args(dataset=dataset, out=root / "cli", clip_checkpoint=ckpt_dir,
                                  batch_size=4, examples_per_shard=8, no_stats=True))  # fmt: skip
     assert report.complete and report.examples_written == N
     for a, b in zip(_records(root / "cli"), _records(setup["out"]), strict=True):
@@ -181,13 +181,15 @@ def test_run_embed_from_a_checkpoint_and_user_errors(setup):
 
     base = {"dataset": dataset, "out": root / "bad", "batch_size": 4}
     with pytest.raises(FileNotFoundError, match="CLIP checkpoint folder not found"):
-        emb.run_embed(_args(**base, clip_checkpoint=root / "nope"))
+        embed_cli.run_embed(_args(**base, clip_checkpoint=root / "nope"))
     with pytest.raises(ValueError, match="does not match the weights.*timestep_embedding"):
-        emb.run_embed(_args(**base, clip_checkpoint=ckpt_dir, clip_config="noised_clip_b64:tiny"))
+        embed_cli.run_embed(
+            _args(**base, clip_checkpoint=ckpt_dir, clip_config="noised_clip_b64:tiny")
+        )
     with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
-        emb.run_embed(_args(**base, clip_checkpoint=ckpt_dir, tokenizer=root / "none"))
+        embed_cli.run_embed(_args(**base, clip_checkpoint=ckpt_dir, tokenizer=root / "none"))
     with pytest.raises(ValueError, match="exactly one"):
-        emb.run_embed(_args(**base))
+        embed_cli.run_embed(_args(**base))
     with pytest.raises(ValueError, match="is empty"):
         emb.embed_dataset([], "train", setup["model"], setup["params"], setup["tokenizer"],
                           root / "empty", batch_size=4)  # fmt: skip

@@ -232,7 +232,7 @@ def _cmd_interpolate(args) -> None:
 
 
 def _cmd_data_prepare(args) -> None:
-    from unclip_jax.data.embeddings import open_source
+    from unclip_jax.data.embed_cli import open_source
 
     builder = open_source(args.dataset, args.data_dir)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
@@ -241,7 +241,7 @@ def _cmd_data_prepare(args) -> None:
 
 
 def _cmd_data_embed(args) -> None:
-    from unclip_jax.data.embeddings import run_embed
+    from unclip_jax.data.embed_cli import run_embed
 
     print(run_embed(args).summary())
 
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(eval_cmd)
     eval_cmd.set_defaults(func=run_eval)
 
-    from unclip_jax.data.embeddings import add_embed_arguments
+    from unclip_jax.data.embed_cli import add_embed_arguments
 
     data = sub.add_parser("data", help="prepare datasets (CLIP embeddings as a side dataset)")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -205,7 +205,7 @@ def train_stage(demo: Demo, name: str) -> None:
 
 def embed_stage(demo: Demo) -> None:
     """CLIP embeddings of the train split (data.embeddings' resumable writer)."""
-    from unclip_jax.data.embeddings import run_embed
+    from unclip_jax.data.embed_cli import run_embed
 
     clip_step = latest_step(demo.run_dir("clip"))
     with demo.stage("embed", demo.embeddings) as record:
