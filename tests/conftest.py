@@ -16,7 +16,8 @@ import jax  # noqa: E402
 assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.devices()}"
 
 # The longest files first: `make test` runs two xdist workers that take whole files in collection
-# order, so a long file collected last would run alone at the end (measured: the mini demo,
+# order (`--no-loadscope-reorder`: xdist would otherwise order files by their number of tests),
+# so a long file collected last would run alone at the end (measured: the one-test mini demo,
 # ~5 minutes, as the tail of a 13-minute run).
 LONGEST_FIRST = (
     "test_demo.py",
