@@ -197,6 +197,15 @@ def _load_images(paths, size: int):
     return np.stack([load_image(p, size) for p in paths])
 
 
+def _add_manipulation_args(parser, func, out: str) -> None:
+    """The runs, DDIM steps, seed and output folder of `vary` and `interpolate` (no prior)."""
+    _add_unclip_runs(parser, with_priors=False)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion, decoding)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=out)
+    parser.set_defaults(func=func, prior="none", prior_run=None, ar_prior_run=None)
+
+
 def _cmd_vary(args) -> None:
     import jax
 
@@ -333,13 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         "embedding and DDIM-inverted noise decoded with DDIM eta (0 reconstructs it).",
     )
     vary.add_argument("image", help="an image file")
-    _add_unclip_runs(vary, with_priors=False)
     vary.add_argument("--n", type=int, default=4, help="number of variations")
     vary.add_argument("--eta", type=float, default=0.8, help="DDIM eta (0: reconstruction)")
-    vary.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion and decoding)")
-    vary.add_argument("--seed", type=int, default=0)
-    vary.add_argument("--out", default="outputs/vary")
-    vary.set_defaults(func=_cmd_vary, prior="none", prior_run=None, ar_prior_run=None)
+    _add_manipulation_args(vary, _cmd_vary, "outputs/vary")
 
     interp = sub.add_parser(
         "interpolate",
@@ -349,13 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     interp.add_argument("image_a")
     interp.add_argument("image_b")
-    _add_unclip_runs(interp, with_priors=False)
     interp.add_argument("--n", type=int, default=5, help="frames, theta from 0 to 1")
     interp.add_argument("--fixed-noise", action="store_true", help="one random x_T for all")
-    interp.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    interp.add_argument("--seed", type=int, default=0)
-    interp.add_argument("--out", default="outputs/interpolate")
-    interp.set_defaults(func=_cmd_interpolate, prior="none", prior_run=None, ar_prior_run=None)
+    _add_manipulation_args(interp, _cmd_interpolate, "outputs/interpolate")
 
     from unclip_jax.eval.ablate import add_ablate_arguments, run_ablate
     from unclip_jax.eval.report import add_eval_arguments, run_eval

@@ -588,41 +588,14 @@ def make_embedding_loader(
     contiguous 1/P of the records, global_batch // P per step, reshuffled every epoch from `seed`.
     `read_options`: grain's reading threads and read-ahead (default 16 threads, 500 records).
     """
-    from unclip_jax.data.loader import host_batch_size
+    from unclip_jax.data.loader import sharded_loader
 
-    if (process_index is None) != (process_count is None):
-        raise ValueError("pass both process_index and process_count, or neither")
-    if process_index is None:
-        shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    else:
-        shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-    batch = host_batch_size(global_batch, shard.shard_count)
-    if len(source) // shard.shard_count < batch:
-        raise ValueError(
-            f"{len(source)} records over {shard.shard_count} processes cannot fill "
-            f"one host batch of {batch}"
-        )
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=shard,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        seed=seed,
-    )
-    ops = [
-        EmbeddingExample(image_size),
-        *operations,
-        grain.transforms.Batch(batch_size=batch, drop_remainder=True),
-    ]
-    return EmbeddingBatches(
-        grain.DataLoader(
-            data_source=source,
-            sampler=sampler,
-            operations=ops,
-            worker_count=worker_count,
-            read_options=read_options,
-        )
-    )
+    loader = sharded_loader(source, [EmbeddingExample(image_size), *operations],
+                            global_batch=global_batch, seed=seed, shuffle=shuffle,
+                            num_epochs=num_epochs, process_index=process_index,
+                            process_count=process_count, worker_count=worker_count,
+                            read_options=read_options)  # fmt: skip
+    return EmbeddingBatches(loader)
 
 
 # ---- statistics ----

@@ -108,6 +108,21 @@ def make_loader(
       extra_keys: further (numeric) features of the source to keep, e.g. ("index",).
       operations: further grain transforms, applied per example before batching.
     """
+    ops: list = [DecodeExample(image_size=image_size, extra_keys=tuple(extra_keys))]
+    if crop_size is not None:
+        ops.append(RandomCrop(crop_size))
+    return sharded_loader(source, [*ops, *operations], global_batch=global_batch, seed=seed,
+                          shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+                          process_count=process_count, worker_count=worker_count)  # fmt: skip
+
+
+def sharded_loader(source: Sequence, operations: Sequence, *, global_batch: int, seed: int,
+                   shuffle: bool = True, num_epochs: int | None = None,
+                   process_index: int | None = None, process_count: int | None = None,
+                   worker_count: int = 0, read_options=None) -> grain.DataLoader:  # fmt: skip
+    """The grain DataLoader every loader shares: this process's contiguous 1/P of the records
+    (`drop_remainder`, so all hosts yield the same number of steps), reshuffled every epoch from
+    `seed`, `operations` per example, then batches of global_batch // P."""
     if (process_index is None) != (process_count is None):
         raise ValueError("pass both process_index and process_count, or neither")
     if process_index is None:
@@ -128,14 +143,9 @@ def make_loader(
         num_epochs=num_epochs,
         seed=seed,
     )
-    ops: list = [DecodeExample(image_size=image_size, extra_keys=tuple(extra_keys))]
-    if crop_size is not None:
-        ops.append(RandomCrop(crop_size))
-    ops.extend(operations)
-    ops.append(grain.transforms.Batch(batch_size=batch, drop_remainder=True))
-    return grain.DataLoader(
-        data_source=source, sampler=sampler, operations=ops, worker_count=worker_count
-    )
+    ops = [*operations, grain.transforms.Batch(batch_size=batch, drop_remainder=True)]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                            worker_count=worker_count, read_options=read_options)  # fmt: skip
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, batch_axes: Sequence[str] = ("data", "fsdp")):

@@ -113,6 +113,14 @@ def _scales(value, batch: int):
     return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (batch,))
 
 
+def _guidance(null, value, batch: int):
+    """(null_cond, [B] scales), or (None, None) when every scale is 1: the conditional
+    prediction alone, without the null half of the 2B batch."""
+    if not isinstance(value, jax.core.Tracer) and np.all(np.asarray(value) == 1.0):
+        return None, None
+    return null, _scales(value, batch)
+
+
 @dataclass
 class PriorStage:
     """The diffusion prior (`PriorSampler` + params) or the AR prior (sampler, params, codec)."""
@@ -257,14 +265,19 @@ class UnclipPipeline:
                              f"{images.shape}")  # fmt: skip
         z = self.clip.images(images)
         cond, null = self.decoder_cond(z)
+        null, scales = _guidance(null, guidance_scale, images.shape[0])
         x_T = self.decoder.invert(images, cond, respacing=respacing, null_cond=null,
-                                  guidance_scale=_scales(guidance_scale, images.shape[0]),
+                                  guidance_scale=scales,
                                   fixed_point_iters=fixed_point_iters)  # fmt: skip
         return z, x_T
 
     def _decode_latents(self, z, x_T, rng, *, respacing, eta, guidance_scale):
-        return self.decode(z, rng, guidance_scale=guidance_scale, respacing=respacing,
-                           sampler="ddim", x_T=x_T, eta=eta)  # fmt: skip
+        """DDIM from given latents with an empty caption; unguided (no null half) at scale 1."""
+        cond, null = self.decoder_cond(z)
+        null, scales = _guidance(null, guidance_scale, z.shape[0])
+        return self.decoder.sample(cond, rng, batch=z.shape[0], respacing=respacing,
+                                   sampler="ddim", null_cond=null, guidance_scale=scales,
+                                   x_T=x_T, eta=eta)  # fmt: skip
 
     def variations(self, image, rng, *, n: int = 4, eta: float = 0.8,
                    respacing: str = "ddim50", guidance_scale=1.0) -> dict:  # fmt: skip
