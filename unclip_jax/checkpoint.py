@@ -71,6 +71,56 @@ class Checkpointer:
         )
         return restored["state"], restored["config"], restored["data"]
 
+    def state_keys(self, step: int | None = None) -> tuple[str, ...]:
+        """The top-level entries of a saved state: a TrainState's fields, or ("params",) for a
+        params-only checkpoint (`save_params`: converted weights)."""
+        return tuple(self._state_metadata(step).keys())
+
+    def _state_metadata(self, step: int | None) -> dict:
+        """The saved state's tree of array metadata (shape, dtype), read without its arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        tree = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
+        return getattr(tree, "tree", tree)
+
+    def restore_params(self, step: int | None = None, key: str = "params", target=None):
+        """One entry of the saved state (`params` or `ema_params`) without reading the rest.
+
+        A trained state is params + EMA + optimizer moments, about 4x the params: sampling and
+        `init_from` read only the entry they use. target: that entry as ShapeDtypeStructs with
+        the shardings to restore onto (None: as saved, on this host's first device).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        keys = self.state_keys(step)
+        if key not in keys:
+            raise ValueError(f"checkpoint {self.directory / str(step)} has no {key!r} "
+                             f"(it holds {', '.join(keys)})")  # fmt: skip
+        if target is None:
+            saved = self._state_metadata(step)[key]
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+            )
+        item = {key: target}
+        args = ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )  # fmt: skip
+        with ocp.PyTreeCheckpointer() as reader:
+            restored = reader.restore(self.directory / str(step) / "state", args=args)
+        return restored[key]
+
+    def restore_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+            "config"
+        ]
+
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
@@ -90,10 +140,12 @@ def abstract_like(tree, shardings):
 
 
 def load_run(path: str | pathlib.Path, *, ema: bool = True, step: int | None = None):
-    """(config ConfigDict, params) of a training run, for sampling on this host.
+    """(config ConfigDict, params) of a run, for sampling on this host.
 
-    `path` is a run's workdir (holding checkpoints/) or a checkpoint folder itself; the EMA params
-    are returned unless ema=False. Errors name the path when nothing is there.
+    `path` is a run's workdir (holding checkpoints/) or a checkpoint folder itself. The EMA params
+    are returned unless ema=False; a params-only checkpoint (converted weights, `save_params`)
+    has no EMA and gives its params either way. Only that entry is read from disk. Errors name the
+    path when nothing is there.
     """
     import ml_collections
 
@@ -105,8 +157,28 @@ def load_run(path: str | pathlib.Path, *, ema: bool = True, step: int | None = N
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {folder}")
-        state, config, _ = ckpt.restore(step)
+        key = "ema_params" if ema and "ema_params" in ckpt.state_keys(step) else "params"
+        params = ckpt.restore_params(step, key)
+        config = ckpt.restore_config(step)
     finally:
         ckpt.close()
-    params = state["ema_params" if ema else "params"]
     return ml_collections.ConfigDict(config), params
+
+
+def save_params(workdir: str | pathlib.Path, config, params, *, step: int = 0) -> pathlib.Path:
+    """A params-only run: workdir/checkpoints/<step> holding {"params"} and the config JSON.
+
+    What `unclip-jax convert` writes for public weights: `load_run` samples from it and a
+    training config's `ckpt.init_from` starts from it, without optimizer state or EMA on disk
+    (a converted 3.5B decoder is 14 GB, not 56). config: a ConfigDict or a dict.
+    """
+    import json
+
+    workdir = pathlib.Path(workdir)
+    as_dict = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+    ckpt = Checkpointer(workdir / "checkpoints", enable_async=False)
+    try:
+        ckpt.save(step, {"params": params}, config=as_dict, data_state={}, force=True)
+    finally:
+        ckpt.close()
+    return workdir

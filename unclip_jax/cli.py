@@ -16,7 +16,7 @@ DEMO_NOTE = (
     "unclip-jax demo: the embedded default. Builds the procedural shapes dataset, trains a\n"
     "tiny unCLIP stack (CLIP, diffusion and AR priors, 32 px decoder, 32->64 upsampler) and a\n"
     "tiny 32 px GLIDE base, samples grids for a few prompts (held-out compositions included)\n"
-    "and runs a guidance x prior ablation (aimed at 16 minutes on 2 CPU cores). A rerun\n"
+    "and runs a guidance x prior ablation (15 minutes measured on 2 CPU cores). A rerun\n"
     "reuses what it trained.\n"
     "--toy (or --config toy2d[:tiny]) runs the diffusion-core toy demo instead."
 )
@@ -240,6 +240,94 @@ def _cmd_interpolate(args) -> None:
     print(f"wrote {args.n} interpolation frames: {paths['grid']}")
 
 
+def _read_mask(path, image_path):
+    """A mask file -> bool [H, W], True = repaint (white: luminance >= 128), checked against
+    the image: both files exist and read, same pixel size, something to repaint."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    for p in (image_path, path):
+        if not pathlib.Path(p).is_file():
+            raise UserError(f"file not found: {p}")
+    try:
+        with Image.open(image_path) as im:
+            image_size = im.size
+        with Image.open(path) as im:
+            if im.size != image_size:
+                raise UserError(f"mask {path} is {im.size[0]}x{im.size[1]} but image "
+                                f"{image_path} is {image_size[0]}x{image_size[1]}")  # fmt: skip
+            repaint = np.asarray(im.convert("L")) >= 128
+    except (OSError, UnidentifiedImageError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not repaint.any():
+        raise UserError(f"mask {path} has no white pixels: nothing to repaint")
+    return repaint
+
+
+def _keep_mask(repaint, size: int):
+    """[size, size, 1] float32, 1 = keep (GLIDE's convention), resized nearest."""
+    import numpy as np
+    from PIL import Image
+
+    small = Image.fromarray(repaint.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return (np.asarray(small) < 128).astype(np.float32)[..., None]
+
+
+def _cmd_inpaint(args) -> None:
+    import jax
+    import numpy as np
+
+    from unclip_jax.pipelines.glide import pipeline_from_runs
+    from unclip_jax.pipelines.outputs import save_samples
+
+    prompts = _read_prompts(args)
+    repaint = _read_mask(args.mask, args.image)
+    pipe = pipeline_from_runs(args.base, args.upsampler)
+    stage = pipe.upsampler or pipe.base
+    if "inpaint" not in pipe.base.model.mode:
+        print(f"note: {args.base} is a {pipe.base.model.mode!r} model, not an inpainting "
+              "one; the kept pixels are only pasted into each predicted x0",
+              file=sys.stderr)  # fmt: skip
+    size = stage.model.image_size
+    image = _load_images([args.image], size)[0]
+    keep = _keep_mask(repaint, size)
+    batch = len(prompts)
+    scales = _scales(args.guidance or [3.0], batch, "--guidance")
+    start = time.perf_counter()
+    out = pipe(prompts, jax.random.key(args.seed), guidance_scale=np.asarray(scales, np.float32),
+               base_respacing=str(args.steps), base_sampler=args.sampler,
+               inpaint_image=np.broadcast_to(image, (batch,) + image.shape),
+               inpaint_mask=np.broadcast_to(keep, (batch,) + keep.shape))  # fmt: skip
+    record = dict(command="inpaint", image=args.image, mask=args.mask, base=args.base,
+                  upsampler=args.upsampler, sampler=args.sampler, steps=args.steps,
+                  guidance=scales, prompts=prompts, seed=args.seed,
+                  seconds=time.perf_counter() - start)  # fmt: skip
+    paths = save_samples(args.out, jax.device_get(out["images"]), record, stem="inpaint")
+    print(f"wrote {batch} inpaintings: {paths['grid']}, {paths['record']}")
+
+
+def _cmd_convert(args) -> None:
+    from unclip_jax.convert import runs
+
+    out = pathlib.Path(args.out)
+    names = ("clip",) if args.source == "clip" else ("clip", "prior", "decoder", "upsampler")
+    targets = [out] if args.source == "clip" else [out / n for n in names]
+    for target in targets:
+        if (target / "checkpoints").exists():
+            raise UserError(f"{target} already holds a run; choose another --out")
+    if args.source == "clip":
+        written = {"clip": runs.convert_clip(args.path, out, tokenizer=args.tokenizer)}
+    else:
+        written = runs.convert_karlo(args.path, out)
+    for name, folder in written.items():
+        print(f"{name:<10} {folder}")
+    if args.source == "karlo":
+        print(f"sample with: unclip-jax sample --pipeline unclip --clip {written['clip']} "
+              f"--prior-run {written['prior']} --decoder {written['decoder']}"
+              + (f" --upsamplers {written['upsampler']}" if "upsampler" in written else "")
+              + ' "a prompt"')  # fmt: skip
+
+
 def _cmd_data_prepare(args) -> None:
     from unclip_jax.data.embed_cli import open_source
 
@@ -357,6 +445,43 @@ def build_parser() -> argparse.ArgumentParser:
     interp.add_argument("--n", type=int, default=5, help="frames, theta from 0 to 1")
     interp.add_argument("--fixed-noise", action="store_true", help="one random x_T for all")
     _add_manipulation_args(interp, _cmd_interpolate, "outputs/interpolate")
+
+    inpaint = sub.add_parser(
+        "inpaint",
+        help="GLIDE inpainting: repaint the white region of a mask, guided by prompts",
+        description="Repaint the white pixels of MASK (same pixel size as IMAGE; black pixels "
+        "are kept) with a GLIDE base run (an inpainting model: glide_inpaint64) and optionally "
+        "an upsampler run (glide_upsample256:inpaint). The known pixels are put back into every "
+        "predicted x0. Writes grid.png, images/ and record.json to --out.",
+    )
+    inpaint.add_argument("image", help="the image file (resized to the model's size)")
+    inpaint.add_argument("mask", help="mask file: white = repaint, black = keep")
+    _add_sample_args(inpaint)
+    inpaint.set_defaults(out="outputs/inpaint")
+    inpaint.add_argument("--base", required=True, help="GLIDE base (inpainting) run folder")
+    inpaint.add_argument("--upsampler", help="GLIDE upsampler run folder (optional)")
+    inpaint.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm")
+    inpaint.add_argument("--steps", type=int, default=100, help="respaced base steps")
+    inpaint.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
+                         help="classifier-free guidance, one scale or one per prompt "
+                         "(default 3.0)")  # fmt: skip
+    inpaint.set_defaults(func=_cmd_inpaint)
+
+    convert = sub.add_parser(
+        "convert",
+        help="import public weights (transformers CLIP, diffusers unCLIP/Karlo) as run folders",
+        description="Convert safetensors weights (pickles are refused) into params-only run "
+        "folders that sample/vary/interpolate/ablate/eval read like trained runs and that a "
+        "training config can start from (ckpt.init_from). Sources: clip = a transformers CLIP "
+        "folder (config.json, model.safetensors, tokenizer files) -> OUT; karlo = a diffusers "
+        "unCLIP folder (kakaobrain/karlo-v1-alpha's layout) -> OUT/clip, OUT/prior, "
+        "OUT/decoder, OUT/upsampler. Nothing is downloaded.",
+    )
+    convert.add_argument("source", choices=("clip", "karlo"), help="what the folder holds")
+    convert.add_argument("path", help="the weights folder")
+    convert.add_argument("--out", required=True, help="run folder (karlo: a folder of runs)")
+    convert.add_argument("--tokenizer", help="clip: tokenizer folder, if not beside the weights")
+    convert.set_defaults(func=_cmd_convert)
 
     from unclip_jax.eval.ablate import add_ablate_arguments, run_ablate
     from unclip_jax.eval.report import add_eval_arguments, run_eval

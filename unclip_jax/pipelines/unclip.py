@@ -399,7 +399,9 @@ def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None,
     for path in upsamplers:
         config, params = _run_of_kind(path, "upsampler")
         model = upsampler_from_config(config.model)
-        pipe.upsamplers.append((_stage(model, params, config, make_model_fn),
+        # Converted Karlo upsamplers hold {"first", "last"}: the second network's final step.
+        model_fn = make_last_step_model_fn if config.model.get("last_step") else make_model_fn
+        pipe.upsamplers.append((_stage(model, params, config, model_fn),
                                 dict(config.sample)))  # fmt: skip
     return pipe
 

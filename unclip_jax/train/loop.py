@@ -85,12 +85,19 @@ def train(config, workdir: str | pathlib.Path, *, kind=None) -> dict:
         data.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start)
     elif ckpt_cfg.get("init_from"):
-        source = Checkpointer(ckpt_cfg.init_from, enable_async=False)
-        loaded, _, _ = source.restore(None, abstract_like(state, shardings))
+        # Params only (a run's or converted weights'), read onto this mesh's shardings.
+        source_dir = pathlib.Path(ckpt_cfg.init_from)
+        if (source_dir / "checkpoints").is_dir():
+            source_dir = source_dir / "checkpoints"
+        source = Checkpointer(source_dir, enable_async=False)
+        try:
+            params = source.restore_params(
+                None, "params", abstract_like(state.params, shardings.params)
+            )
+        finally:
+            source.close()
         # Separate buffers: the step donates the state, and one buffer donated twice is fatal.
-        state = state.replace(
-            params=loaded.params, ema_params=jax.tree.map(lambda x: x.copy(), loaded.params)
-        )
+        state = state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
         log.info("initialised params from %s", ckpt_cfg.init_from)
 
     # ---------------------------------------------------------------- the compiled step

@@ -1,0 +1,235 @@
+"""Public weights -> run folders: what `unclip-jax convert` writes.
+
+A converted run is a params-only checkpoint (checkpoint.save_params) whose config is a preset's
+(its diffusion, sample and training sections) with the `model` section rewritten from the
+imported model, so the run folder is read like a trained one:
+
+  - `sample`, `vary`, `interpolate`, `ablate` and `eval` take it as `--clip`/`--prior-run`/
+    `--decoder`/`--upsamplers` (pipelines/unclip.pipeline_from_runs);
+  - a training config names it in `ckpt.init_from` to fine-tune from it (params only, resharded
+    onto the new mesh).
+
+Sources:
+  convert_clip(src, out)   a transformers CLIP folder (CLIPModel, or a single tower) with its
+                           tokenizer files -> a `clip` run (tokenizer/ inside)
+  convert_karlo(src, out)  a diffusers unCLIP folder (kakaobrain/karlo-v1-alpha's layout) ->
+                           out/clip, out/prior, out/decoder, out/upsampler
+
+Every rewritten model section is checked: the model it builds must have exactly the imported
+params' tree and shapes (jax.eval_shape, no compute), so a run that loads is a run that matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from unclip_jax import config_utils
+from unclip_jax.checkpoint import save_params
+from unclip_jax.convert.common import ConversionError, flatten
+
+log = logging.getLogger(__name__)
+
+# OpenAI's CLIPs end training at the logit-scale clamp (log 100); Karlo ships the two towers as
+# separate models without one, so the merged CLIP of a converted Karlo run gets this value.
+_RELEASED_LOG_SCALE = math.log(100.0)
+
+
+def _unet_section(section, unet, image_size: int) -> None:
+    """Write a UNet module's shape into a config's model.unet section (glide_common.unet keys)."""
+    section.image_size = image_size
+    section.in_channels = unet.in_channels
+    section.out_channels = unet.out_channels
+    section.model_channels = unet.model_channels
+    section.channel_mult = tuple(unet.channel_mult)
+    section.num_res_blocks = unet.num_res_blocks
+    section.attention_resolutions = ",".join(str(image_size // ds) for ds in unet.attention_ds)
+    section.num_head_channels = unet.num_head_channels
+    section.use_scale_shift_norm = unet.use_scale_shift_norm
+    section.resblock_updown = unet.resblock_updown
+    section.middle_attention = unet.middle_attention
+
+
+def _check_matches(what: str, config_model, build, params) -> None:
+    """The model built from the rewritten config section has exactly `params`' tree and shapes."""
+    import flax.linen as nn
+
+    expected = {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(build(config_model))).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [k for k in sorted(set(expected) & set(got)) if expected[k] != got[k]]
+    if missing or extra or wrong:
+        detail = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}"
+                  if extra else "", f"{wrong[0]}: config {expected[wrong[0]]}, weights "
+                  f"{got[wrong[0]]}" if wrong else ""]  # fmt: skip
+        raise ConversionError(f"{what}: the config section written for these weights does not "
+                              f"build them ({'; '.join(d for d in detail if d)})")  # fmt: skip
+
+
+def _preset(spec: str, overrides=()) -> ml_collections.ConfigDict:
+    return config_utils.load_config(spec, list(overrides))
+
+
+def _stamp(config, source: pathlib.Path, what: str) -> None:
+    with config.unlocked():
+        config.converted_from = f"{what}: {source.absolute()}"
+
+
+def _save_tokenizer(src: pathlib.Path, out: pathlib.Path, context: int) -> None:
+    from unclip_jax.tokenizers import ClipTokenizer
+
+    ClipTokenizer.from_pretrained(src, context_length=context).save(out / "tokenizer")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP
+
+
+def _clip_run(model_cfg, params, tokenizer_dir: pathlib.Path, out: pathlib.Path, *,
+              preset: str, source: pathlib.Path, what: str) -> pathlib.Path:  # fmt: skip
+    from unclip_jax.models.clip import abstract_params, clip_from_config
+
+    config = _preset(preset)
+    config.model = model_cfg
+    _check_matches(what, config.model, lambda m: abstract_params(clip_from_config(m)), params)
+    _stamp(config, source, what)
+    if model_cfg.text is not None:
+        _save_tokenizer(tokenizer_dir, out, model_cfg.text.context_length)
+    return save_params(out, config, params)
+
+
+def convert_clip(src, out, *, tokenizer=None, preset: str = "clip_vit_l14") -> pathlib.Path:
+    """A transformers CLIP folder -> a `clip` run at `out` (tokenizer/ copied in our format).
+
+    tokenizer: the folder with vocab.json + merges.txt (or tokenizer.json); default `src` itself,
+    then src/tokenizer. preset: the config whose non-model sections the run carries.
+    """
+    from unclip_jax.convert.clip import load_hf_clip
+
+    src, out = pathlib.Path(src), pathlib.Path(out)
+    model_cfg, params = load_hf_clip(src)
+    tok = pathlib.Path(tokenizer) if tokenizer else _find_tokenizer(src)
+    if model_cfg.text is not None and tok is None:
+        raise FileNotFoundError(f"no tokenizer files (vocab.json + merges.txt, or "
+                                f"tokenizer.json) in {src} or {src / 'tokenizer'}: pass "
+                                "--tokenizer DIR")  # fmt: skip
+    return _clip_run(model_cfg, params, tok, out, preset=preset, source=src,
+                     what="transformers CLIP")  # fmt: skip
+
+
+def _find_tokenizer(src: pathlib.Path) -> pathlib.Path | None:
+    for folder in (src, src / "tokenizer"):
+        if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+            return folder
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Karlo / diffusers unCLIP
+
+
+def karlo_clip(root: pathlib.Path):
+    """(model config, params): Karlo's text_encoder and (if present) image_encoder as one CLIP."""
+    from unclip_jax.convert.clip import load_hf_clip
+
+    text_cfg, params = load_hf_clip(root / "text_encoder")
+    if (root / "image_encoder").is_dir():
+        image_cfg, image_params = load_hf_clip(root / "image_encoder")
+        if image_cfg.projection_dim != text_cfg.projection_dim:
+            raise ConversionError(f"text_encoder projects to {text_cfg.projection_dim}, "
+                                  f"image_encoder to {image_cfg.projection_dim}")  # fmt: skip
+        text_cfg.vision = image_cfg.vision
+        text_cfg.logit_scale_init = _RELEASED_LOG_SCALE
+        log_scale = np.asarray(_RELEASED_LOG_SCALE, np.float32)
+        params = {**params, **image_params, "logit_scale": log_scale}
+    return text_cfg, params
+
+
+def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
+                  prior_preset: str = "prior_diffusion:karlo",
+                  decoder_preset: str = "decoder64:karlo",
+                  upsampler_preset: str = "upsample256:karlo") -> dict:  # fmt: skip
+    """A diffusers unCLIP folder -> run folders out/{clip, prior, decoder, upsampler}.
+
+    Sizes come from the weights; the presets give the diffusion and sampling settings (Karlo's:
+    prior 25 steps, decoder 50 steps guidance 8, super-res 7 ancestral steps). The upsampler run
+    holds super_res_first and super_res_last as params {"first", "last"} (model.last_step), the
+    second used for the final step as Karlo does; it samples but does not train.
+    """
+    from unclip_jax.convert.diffusers_prior import load_diffusers_prior
+    from unclip_jax.convert.diffusers_unclip import load_diffusers_decoder, load_diffusers_upsampler
+    from unclip_jax.models import decoder as dec
+    from unclip_jax.models.prior import init_params as prior_init
+    from unclip_jax.models.prior import prior_from_config
+
+    root, out = pathlib.Path(src), pathlib.Path(out)
+    for name in ("text_encoder", "tokenizer", "prior", "text_proj", "decoder"):
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"{root / name} is missing: not a diffusers unCLIP folder")
+    runs = {}
+
+    clip_cfg, clip_params = karlo_clip(root)
+    runs["clip"] = _clip_run(clip_cfg, clip_params, root / "tokenizer", out / "clip",
+                             preset=clip_preset, source=root, what="Karlo CLIP")  # fmt: skip
+    context = clip_cfg.text.context_length
+    log.info("converted CLIP -> %s", runs["clip"])
+
+    prior, prior_params = load_diffusers_prior(root / "prior")
+    config = _preset(prior_preset)
+    m = config.model
+    for field in ("clip_dim", "text_dim", "text_ctx", "width", "layers", "heads", "scaling",
+                  "learned_null"):  # fmt: skip
+        setattr(m, field, getattr(prior, field))
+    _check_matches("Karlo prior", m,
+                   lambda m: jax.eval_shape(lambda: prior_init(prior_from_config(m),
+                                                               jax.random.key(0))),
+                   prior_params)  # fmt: skip
+    _stamp(config, root / "prior", "diffusers PriorTransformer")
+    runs["prior"] = save_params(out / "prior", config, prior_params)
+    log.info("converted prior -> %s", runs["prior"])
+
+    decoder, dec_params = load_diffusers_decoder(root)
+    config = _preset(decoder_preset)
+    m = config.model
+    m.text_pathway, m.clip_dim, m.text_dim = "clip", decoder.clip_dim, decoder.text_dim
+    m.text_ctx, m.clip_tokens = context, decoder.clip_tokens
+    m.encoder_channels = decoder.encoder_channels
+    _unet_section(m.unet, decoder.unet, decoder.image_size)
+    _check_matches("Karlo decoder", m,
+                   lambda m: jax.eval_shape(lambda: dec.init_params(
+                       dec.decoder_from_config(m), jax.random.key(0), text_ctx=m.text_ctx)),
+                   dec_params)  # fmt: skip
+    _stamp(config, root / "decoder", "diffusers unCLIP decoder + text_proj")
+    runs["decoder"] = save_params(out / "decoder", config, dec_params)
+    log.info("converted decoder -> %s", runs["decoder"])
+
+    if (root / "super_res_first").is_dir():
+        up, first = load_diffusers_upsampler(root / "super_res_first",
+                                             low_res_size=decoder.image_size)  # fmt: skip
+        config = _preset(upsampler_preset)
+        m = config.model
+        m.low_res_size = up.low_res_size
+        _unet_section(m.unet, up.unet, up.image_size)
+
+        def build(m):
+            return jax.eval_shape(lambda: dec.init_params(dec.upsampler_from_config(m),
+                                                          jax.random.key(0)))  # fmt: skip
+
+        _check_matches("Karlo super_res_first", m, build, first)
+        params = first
+        with config.unlocked():
+            m.last_step = (root / "super_res_last").is_dir()
+        if m.last_step:
+            _, last = load_diffusers_upsampler(root / "super_res_last",
+                                               low_res_size=decoder.image_size)  # fmt: skip
+            _check_matches("Karlo super_res_last", m, build, last)
+            params = {"first": first, "last": last}
+        _stamp(config, root / "super_res_first", "diffusers unCLIP super-res")
+        runs["upsampler"] = save_params(out / "upsampler", config, params)
+        log.info("converted upsampler -> %s", runs["upsampler"])
+    return runs
