@@ -105,6 +105,10 @@ def common(c, tiny: bool = False):
     c.seed = 0
     c.train = ml_collections.ConfigDict()
     c.train.log_every, c.train.max_nonfinite_in_row = 100, 20
+    # A retrieval grid (held-out captions -> their top images, train/unclip_hooks.py) and its
+    # top-1 rate every sample_every steps.
+    c.train.sample_every = 10_000
+    c.train.tensorboard = True
     k = c.ckpt = ml_collections.ConfigDict()
     k.save_every, k.keep, k.keep_every, k.init_from = 5000, 3, 100_000, ""
     d = c.data = ml_collections.ConfigDict()
@@ -112,6 +116,7 @@ def common(c, tiny: bool = False):
     d.bpe_captions = 5000  # captions the BPE is trained on (the first of the split)
     if tiny:
         c.train.log_every, k.save_every, k.keep_every, d.config = 10, 50, 0, "tiny"
+        c.train.sample_every = 50
     return c
 
 

@@ -6,16 +6,19 @@ writes what comes out):
     eval_data(global_batch, process_index, process_count) -> iterator of this process's
         held-out NumPy batches (same structure as `data`'s); read afresh at every evaluation,
         so every evaluation sees the same examples.
-    sample(ema_params, rng) -> images [N, H, W, 3] in [-1, 1] (a jax.Array or NumPy).
+    sample(ema_params, rng) -> images [N, H, W, 3] in [-1, 1] (a jax.Array or NumPy), or a
+        `SampleGrid` (the tiles, the grid's columns and scalars logged beside the grid).
 
 `Evaluator` and `write_samples` are what the loop calls. The toy2d kind's hooks are at the end
-(`toy2d_eval_data`, `toy2d_sample`).
+(`toy2d_eval_data`, `toy2d_sample`); the unCLIP kinds' are in train/unclip_hooks.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,11 +75,29 @@ class Evaluator:
         return {k: float(v) / self.num_batches for k, v in jax.device_get(sums).items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleGrid:
+    """What a `sample` hook returns when bare images are not enough: the tiles [N, H, W, 3] in
+    [-1, 1] in row-major order, the grid's number of columns (None: about square) and scalars
+    (jax or Python numbers) that go to sample_metrics.jsonl with the grid's step."""
+
+    images: Any
+    ncol: int | None = None
+    scalars: dict = dataclasses.field(default_factory=dict)
+
+
 def write_samples(kind, state, rng, step: int, *, mesh, rules, writer) -> None:
-    """kind.sample(EMA params) on every process; process 0 writes samples/step_XXXXXX.png."""
+    """kind.sample(EMA params) on every process; process 0 writes samples/step_XXXXXX.png (and
+    a SampleGrid's scalars to sample_metrics.jsonl)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        images = kind.sample(state.ema_params, jax.random.fold_in(rng, step))
-    writer.image_grid(step, to_host(images))
+        out = kind.sample(state.ema_params, jax.random.fold_in(rng, step))
+        if not isinstance(out, SampleGrid):
+            out = SampleGrid(out)
+        images = to_host(out.images)
+        scalars = {k: float(to_host(v)) for k, v in out.scalars.items()}
+    writer.image_grid(step, images, ncol=out.ncol)
+    if scalars:
+        writer.scalars(step, scalars, split="sample")
 
 
 # ----------------------------------------------------------------------------- toy2d's hooks

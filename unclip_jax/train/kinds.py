@@ -20,7 +20,8 @@ class ModelKind:
     # Optional: (global_batch, process_index, process_count) -> this process's held-out batches,
     # read afresh at every evaluation (train.eval_every).
     eval_data: Callable | None = None
-    # Optional: (ema_params, rng) -> images [N, H, W, 3] in [-1, 1] (train.sample_every).
+    # Optional: (ema_params, rng) -> images [N, H, W, 3] in [-1, 1] or a hooks.SampleGrid
+    # (train.sample_every).
     sample: Callable | None = None
 
 

@@ -5,6 +5,7 @@ unconditionally. Files in the workdir:
 
     metrics.jsonl         one JSON object per log step: {"step", "loss", ...}
     eval_metrics.jsonl    one per evaluation: {"step", "eval_loss", "eval_ema_loss", ...}
+    sample_metrics.jsonl  numbers some sample grids come with: {"step", "sample_top1", ...}
     compile.json          the train step's compile time and memory analysis
     tensorboard/          event files (tensorboardX, no TensorFlow): train/*, eval/*, compile/*,
                           samples
@@ -62,11 +63,12 @@ class MetricWriter:
                         self._tb.add_scalar(f"compile/{key}", value, int(step))
         return stats
 
-    def image_grid(self, step: int, images) -> pathlib.Path | None:
-        """images [N, H, W, 3] in [-1, 1] -> samples/step_XXXXXX.png (and TensorBoard)."""
+    def image_grid(self, step: int, images, ncol: int | None = None) -> pathlib.Path | None:
+        """images [N, H, W, 3] in [-1, 1] -> samples/step_XXXXXX.png, `ncol` columns (default
+        about square), and TensorBoard."""
         if not self.enabled:
             return None
-        grid = imaging.make_grid(images)
+        grid = imaging.make_grid(images, ncol)
         path = self.workdir / "samples" / f"step_{int(step):06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         from PIL import Image

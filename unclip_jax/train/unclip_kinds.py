@@ -9,31 +9,36 @@ Data flow (DESIGN: data -> train -> checkpoint):
     fitted on its embeddings once and kept in the run as `codec.npz`;
   - `decoder` trains on the side dataset joined with its source images;
   - `upsampler` trains on the source images alone.
-Batches hold numeric arrays only (captions and indices are dropped before the step).
+Batches hold numeric arrays only (captions and indices are dropped before the step). Every kind
+offers a `sample` hook (train.sample_every): train/unclip_hooks.py.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.train import unclip_hooks
 from unclip_jax.train.kinds import ModelKind
 
 log = logging.getLogger(__name__)
 
 
-def _source(config):
+def _source(config, split: str | None = None):
+    """The source's data source of `split` (default: config.data.split)."""
     from unclip_jax.data import shapes_builder
 
     if config.data.name != "shapes":
         raise ValueError(f"data.name {config.data.name!r}: only 'shapes' is wired up so far")
     builder = shapes_builder.build_shapes(config.data.dir, config.data.config)
-    return builder.as_data_source(config.data.split)
+    return builder.as_data_source(split or config.data.split)
 
 
 def _embeddings_dir(config) -> str:
@@ -44,7 +49,7 @@ def _embeddings_dir(config) -> str:
     return folder
 
 
-def _pad_to(x: np.ndarray, length: int, axis: int = 1) -> np.ndarray:
+def pad_to(x: np.ndarray, length: int, axis: int = 1) -> np.ndarray:
     current = x.shape[axis]
     if current > length:
         raise ValueError(f"CLIP's context ({current}) is longer than the model's ({length})")
@@ -71,7 +76,7 @@ def _embedding_batches(config, global_batch, process_index, process_count, keys,
         if text_ctx is not None:
             for k in ("text_tokens", "text_mask", "tokens"):
                 if k in out:
-                    out[k] = _pad_to(out[k], text_ctx)
+                    out[k] = pad_to(out[k], text_ctx)
         return out if post is None else post(out)
 
     return MappedBatches(batches, select)
@@ -96,7 +101,7 @@ def _replace_boxed(params, name, value):
 def clip_kind(config, workdir) -> ModelKind:
     """Contrastive CLIP on the source dataset's captions with a BPE trained on them."""
     from unclip_jax.data import loader
-    from unclip_jax.models.clip import clip_from_config
+    from unclip_jax.models.clip import CLIP_MEAN, CLIP_STD, clip_from_config
     from unclip_jax.models.clip import init_params as clip_init
     from unclip_jax.train.clip import make_clip_loss
 
@@ -115,14 +120,20 @@ def clip_kind(config, workdir) -> ModelKind:
 
         def tokenize(batch):
             tokens = tokenizer([str(c) for c in batch["caption"]])
-            images = np.asarray(batch["image"], np.float32)
+            images = np.asarray(batch["image"], np.float32)  # [-1, 1]
+            if not config.model.vision.normalize_input:
+                # The plain tower takes CLIP-normalised pixels (make_clip_loss), as `data embed`,
+                # the pipelines and the sample hook give them (preprocess_images).
+                mean, std = np.float32(CLIP_MEAN), np.float32(CLIP_STD)
+                images = ((images + 1.0) / 2.0 - mean) / std
             return {"images": images, "input_ids": tokens.input_ids,
                     "eot_positions": tokens.eot_positions}  # fmt: skip
 
         return loader.MappedBatches(grain_loader, tokenize)
 
+    sample = unclip_hooks.clip_sample(config, model, tokenizer, functools.partial(_source, config))
     return ModelKind(init=functools.partial(clip_init, model), loss_fn=make_clip_loss(model),
-                     data=data)  # fmt: skip
+                     data=data, sample=sample)  # fmt: skip
 
 
 def clip_tokenizer_for_run(config, workdir):
@@ -140,7 +151,12 @@ def clip_tokenizer_for_run(config, workdir):
     tokenizer = train_bpe(captions, vocab_size=config.model.text.vocab_size,
                           context_length=context)  # fmt: skip
     if jax.process_index() == 0:
-        tokenizer.save(folder)
+        # Written beside, then renamed: another process (or a resume) that finds the folder
+        # finds it whole.
+        partial = folder.with_name(f"{folder.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        tokenizer.save(partial)
+        os.replace(partial, folder)
     log.info("trained a %d-id BPE on %d captions", tokenizer.vocab_size, count)
     return tokenizer
 
@@ -158,8 +174,8 @@ def prior_kind(config) -> ModelKind:
     if not model.learned_null:
         null = load_null_text(folder)
         null_text = {"text_emb": null["text_emb"],
-                     "text_tokens": _pad_to(null["text_tokens"][None], model.text_ctx)[0],
-                     "text_mask": _pad_to(null["text_mask"][None], model.text_ctx)[0]}  # fmt: skip
+                     "text_tokens": pad_to(null["text_tokens"][None], model.text_ctx)[0],
+                     "text_mask": pad_to(null["text_mask"][None], model.text_ctx)[0]}  # fmt: skip
     stats = load_stats(folder, config.data.split) if model.scaling == "standardize" else None
 
     def init(rng):
@@ -178,7 +194,9 @@ def prior_kind(config) -> ModelKind:
         return _embedding_batches(config, global_batch, process_index, process_count, keys,
                                   text_ctx=model.text_ctx)  # fmt: skip
 
-    return ModelKind(init=init, loss_fn=loss_fn, data=data)
+    sample = unclip_hooks.prior_sample(config, model, folder, functools.partial(_source, config),
+                                       null_text=null_text)  # fmt: skip
+    return ModelKind(init=init, loss_fn=loss_fn, data=data, sample=sample)
 
 
 def load_codec(workdir):
@@ -214,9 +232,11 @@ def ar_prior_kind(config, workdir) -> ModelKind:
         codec, stats = fit_codec(image, text, n_components=m.n_components,
                                  n_buckets=m.n_buckets, n_dot_bins=m.n_dot_bins)  # fmt: skip
         log.info("fitted the AR prior's codec on %d embeddings: %s", count, stats)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0:  # written whole, then renamed (as the tokenizer)
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, **{k: np.asarray(v) for k, v in codec.to_dict().items()})
+            partial = path.with_name("codec.partial.npz")
+            np.savez(partial, **{k: np.asarray(v) for k, v in codec.to_dict().items()})
+            os.replace(partial, path)
 
     def init(rng):
         return model.init(rng, *init_inputs(model, config.model.clip_dim))["params"]
@@ -233,7 +253,9 @@ def ar_prior_kind(config, workdir) -> ModelKind:
         return _embedding_batches(config, global_batch, process_index, process_count, keys,
                                   text_ctx=model.text_ctx, post=rename)  # fmt: skip
 
-    return ModelKind(init=init, loss_fn=loss_fn, data=data)
+    sample = unclip_hooks.ar_prior_sample(config, model, codec, _embeddings_dir(config),
+                                          functools.partial(_source, config))  # fmt: skip
+    return ModelKind(init=init, loss_fn=loss_fn, data=data, sample=sample)
 
 
 def decoder_kind(config) -> ModelKind:
@@ -272,8 +294,10 @@ def decoder_kind(config) -> ModelKind:
     def init(rng):
         return init_params(model, rng, text_ctx=text_ctx)
 
+    sample = unclip_hooks.decoder_sample(config, model, folder, functools.partial(_source, config),
+                                         null_text=null_text)  # fmt: skip
     return ModelKind(init=init, loss_fn=loss_fn_from_config(config, model, null_text=null_text),
-                     data=data)  # fmt: skip
+                     data=data, sample=sample)  # fmt: skip
 
 
 def upsampler_kind(config) -> ModelKind:
@@ -306,5 +330,7 @@ def upsampler_kind(config) -> ModelKind:
 
         return loader.MappedBatches(grain_loader, select)
 
+    sample = unclip_hooks.upsampler_sample(config, model, functools.partial(_source, config))
     return ModelKind(init=functools.partial(init_params, model),
-                     loss_fn=loss_fn_from_config(config, model), data=data)  # fmt: skip
+                     loss_fn=loss_fn_from_config(config, model), data=data,
+                     sample=sample)  # fmt: skip
