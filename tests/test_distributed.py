@@ -19,7 +19,7 @@ from unclip_jax import config_utils
 from unclip_jax.checkpoint import Checkpointer
 from unclip_jax.data import loader, shapes_builder
 from unclip_jax.parallel import distributed
-from unclip_jax.train.unclip_kinds import clip_tokenizer_for_run
+from unclip_jax.train.unclip_kinds import clip_pixels, clip_tokenizer_for_run
 
 # The cheapest real kind on CPU (a tiny GLIDE's train step compiles ~5x slower), one layer per
 # tower, no sample grid (CLIP's costs ~20 s here). Adam's eps is raised from 1e-6: the attention
@@ -73,7 +73,9 @@ def shapes_indices(config, image_size: int) -> dict[str, int]:
         config.data.split
     )
     decode = loader.DecodeExample(image_size=image_size)
-    ids = {example_id(decode.map(source[i])["image"]): i for i in range(len(source))}
+    # As the clip kind feeds them to the train step: CLIP-normalised.
+    ids = {example_id(clip_pixels(decode.map(source[i])["image"])): i
+           for i in range(len(source))}  # fmt: skip
     assert len(ids) == len(source)  # no two images alike: an id names one example
     return ids
 

@@ -98,10 +98,20 @@ def _replace_boxed(params, name, value):
 # ------------------------------------------------------------------------------------------------
 
 
+def clip_pixels(images: np.ndarray) -> np.ndarray:
+    """Host images in [-1, 1] -> CLIP-normalised float32 pixels: what a plain image tower takes
+    (make_clip_loss), as `data embed`, the pipelines and the sample hook give them on device
+    (models/clip.preprocess_images)."""
+    from unclip_jax.models.clip import CLIP_MEAN, CLIP_STD
+
+    mean, std = np.float32(CLIP_MEAN), np.float32(CLIP_STD)
+    return ((np.asarray(images, np.float32) + 1.0) / 2.0 - mean) / std
+
+
 def clip_kind(config, workdir) -> ModelKind:
     """Contrastive CLIP on the source dataset's captions with a BPE trained on them."""
     from unclip_jax.data import loader
-    from unclip_jax.models.clip import CLIP_MEAN, CLIP_STD, clip_from_config
+    from unclip_jax.models.clip import clip_from_config
     from unclip_jax.models.clip import init_params as clip_init
     from unclip_jax.train.clip import make_clip_loss
 
@@ -122,10 +132,7 @@ def clip_kind(config, workdir) -> ModelKind:
             tokens = tokenizer([str(c) for c in batch["caption"]])
             images = np.asarray(batch["image"], np.float32)  # [-1, 1]
             if not config.model.vision.normalize_input:
-                # The plain tower takes CLIP-normalised pixels (make_clip_loss), as `data embed`,
-                # the pipelines and the sample hook give them (preprocess_images).
-                mean, std = np.float32(CLIP_MEAN), np.float32(CLIP_STD)
-                images = ((images + 1.0) / 2.0 - mean) / std
+                images = clip_pixels(images)
             return {"images": images, "input_ids": tokens.input_ids,
                     "eot_positions": tokens.eot_positions}  # fmt: skip
 
