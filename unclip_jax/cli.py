@@ -351,6 +351,25 @@ def _add_sample_args(parser) -> None:
     parser.add_argument("--out", default="outputs/samples", help="output folder")
 
 
+def _add_stage_args(parser, stage: str, *, sampler, steps) -> None:
+    """--sampler, --steps and --guidance (one scale or one per prompt) of a sampled stage."""
+    parser.add_argument(
+        "--sampler",
+        choices=("ddpm", "ddim", "dpm++2m"),
+        default=sampler,
+        help=f"sampler of {stage} (default: {sampler or 'the config'})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=steps,
+        help=f"respaced steps of {stage} (default: {steps or 'the config'})",
+    )
+    parser.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
+                        help=f"classifier-free guidance of {stage}: one scale or one per "
+                        "prompt")  # fmt: skip
+
+
 def _add_config_args(parser, default=None) -> None:
     parser.add_argument("--config", required=default is None, default=default,
                         help="config file or name[:variant], e.g. toy2d:tiny")  # fmt: skip
@@ -413,14 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prior-guidance", type=float, nargs="+", metavar="SCALE",
         help="unCLIP: the prior's guidance, one scale or one per prompt",
     )  # fmt: skip
-    sample.add_argument(
-        "--sampler", choices=("ddpm", "ddim", "dpm++2m"), default=None,
-        help="sampler of the base/decoder stage (default: the config's)",
-    )  # fmt: skip
-    sample.add_argument("--steps", type=int, help="respaced steps of the base/decoder stage")
-    sample.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
-                        help="classifier-free guidance of the base/decoder stage: one scale "
-                        "or one per prompt")  # fmt: skip
+    _add_stage_args(sample, "the base/decoder stage", sampler=None, steps=None)
     sample.set_defaults(func=_cmd_sample)
 
     vary = sub.add_parser(
@@ -460,11 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.set_defaults(out="outputs/inpaint")
     inpaint.add_argument("--base", required=True, help="GLIDE base (inpainting) run folder")
     inpaint.add_argument("--upsampler", help="GLIDE upsampler run folder (optional)")
-    inpaint.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm")
-    inpaint.add_argument("--steps", type=int, default=100, help="respaced base steps")
-    inpaint.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
-                         help="classifier-free guidance, one scale or one per prompt "
-                         "(default 3.0)")  # fmt: skip
+    _add_stage_args(inpaint, "the base stage", sampler="ddpm", steps=100)
     inpaint.set_defaults(func=_cmd_inpaint)
 
     convert = sub.add_parser(
