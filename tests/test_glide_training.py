@@ -1,15 +1,13 @@
-"""A tiny GLIDE learns, samples with guidance, inpaints exactly; its training inputs are right."""
-
-import functools
+"""A tiny GLIDE samples with guidance (per-prompt scales, sharded), inpaints exactly and takes CLIP
+guidance; its training inputs are right. That its loss falls: tests/test_train_kinds.py."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from unclip_jax import config_utils, diffusion, parallel
+from unclip_jax import config_utils, parallel
 from unclip_jax.imaging import area_downsample, random_crop
 from unclip_jax.models.glide import glide_from_config
 from unclip_jax.pipelines.glide import GlidePipeline, GlideStage
@@ -36,47 +34,22 @@ def toy_batch(rng, batch, size=16):
 
 @pytest.fixture(scope="module")
 def trained():
+    """The tiny GLIDE with perturbed random params (every layer nonzero, so the text matters).
+
+    That the loss falls is shown through the shared loop (tests/test_train_kinds.py: the same
+    glide_loss, 30 steps on shapes); these tests need a model whose outputs depend on the
+    caption, not a trained one, and training one here cost two minutes of the CI budget.
+    """
     config = config_utils.load_config("glide_base64:tiny")
     model = glide_from_config(config.model)
-    table = diffusion.diffusion_from_config(config.diffusion)
-    rng = np.random.default_rng(0)
-    batch = toy_batch(rng, 16)
-    params = nn.meta.unbox(
-        jax.jit(model.init)(
-            jax.random.key(0),
-            batch["image"],
-            jnp.zeros(16, jnp.int32),
-            batch["tokens"],
-            batch["mask"],
-        )  # fmt: skip
-    )["params"]
-    loss_fn = functools.partial(glide_train.glide_loss, model=model, table=table,
-                                pad_id=ByteTokenizer.pad_id)  # fmt: skip
-    opt = optax.adam(3e-3)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, batch, rng):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    eval_batch = toy_batch(np.random.default_rng(99), 64)
-    evaluate = jax.jit(lambda p: loss_fn(p, eval_batch, jax.random.key(7), train=False)[0])
-    before = float(evaluate(params))
-    opt_state = opt.init(params)
-    for i in range(120):
-        params, opt_state, _ = step(params, opt_state, toy_batch(rng, 16), jax.random.key(i))
-    after = float(evaluate(params))
-    return config, model, params, before, after
-
-
-def test_tiny_glide_loss_goes_down(trained):
-    *_, before, after = trained
-    assert after < 0.5 * before, (before, after)
+    batch = toy_batch(np.random.default_rng(0), 2)
+    args = (batch["image"], jnp.zeros(2, jnp.int32), batch["tokens"], batch["mask"])
+    params = _random_params(model, args, {}, 0)
+    return config, model, params
 
 
 def test_sampling_with_guidance_scales(trained):
-    config, model, params, *_ = trained
+    config, model, params = trained
     stage = GlideStage(model, params, config.diffusion)
     pipe = GlidePipeline(stage, ByteTokenizer())
     prompts = ["red left", "blue right", "green left"]
@@ -95,7 +68,9 @@ def test_sampling_with_guidance_scales(trained):
         sharded = pipe(prompts8, jax.random.key(1), guidance_scale=3.0, base_respacing="10",
                        mesh=mesh)  # fmt: skip
     assert len(sharded["images"].addressable_shards) == 8
-    np.testing.assert_allclose(sharded["images"], one["images"], atol=1e-5)
+    # 1e-4: per-device reductions reassociate sums, and 10 steps of random weights amplify that
+    # (measured 1.3e-5); a mispaired example or guidance scale would be off by ~0.1.
+    np.testing.assert_allclose(sharded["images"], one["images"], atol=1e-4)
     # Per-prompt scales in one batch equal the uniform runs, example by example.
     mixed = pipe(prompts, jax.random.key(0), guidance_scale=[0.0, 1.0, 3.0], base_respacing="10")
     for i, scale in enumerate((0.0, 1.0, 3.0)):
@@ -164,7 +139,7 @@ def test_clip_guidance_runs_inside_the_glide_sampler(trained):
     from unclip_jax.models.clip import clip_from_config, init_params
     from unclip_jax.models.clip_guidance import ClipGuidance, clip_guidance_cond
 
-    config, model, params, *_ = trained
+    config, model, params = trained
     clip_cfg = config_utils.load_config("noised_clip_b64:tiny")
     clip = clip_from_config(clip_cfg.model)
     clip_params = nn.meta.unbox(jax.jit(lambda r: init_params(clip, r))(jax.random.key(4)))
