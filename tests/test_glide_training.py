@@ -44,7 +44,9 @@ def trained():
     model = glide_from_config(config.model)
     batch = toy_batch(np.random.default_rng(0), 2)
     args = (batch["image"], jnp.zeros(2, jnp.int32), batch["tokens"], batch["mask"])
-    params = _random_params(model, args, {}, 0)
+    # A small perturbation: large random weights amplify float reassociation over the sampler's
+    # steps, which the sharded-equals-unsharded check (1e-5) would read as a difference.
+    params = _random_params(model, args, {}, 0, amplitude=0.01)
     return config, model, params
 
 
@@ -68,18 +70,17 @@ def test_sampling_with_guidance_scales(trained):
         sharded = pipe(prompts8, jax.random.key(1), guidance_scale=3.0, base_respacing="10",
                        mesh=mesh)  # fmt: skip
     assert len(sharded["images"].addressable_shards) == 8
-    # 1e-4: per-device reductions reassociate sums, and 10 steps of random weights amplify that
-    # (measured 1.3e-5); a mispaired example or guidance scale would be off by ~0.1.
-    np.testing.assert_allclose(sharded["images"], one["images"], atol=1e-4)
+    np.testing.assert_allclose(sharded["images"], one["images"], atol=1e-5)
     # Per-prompt scales in one batch equal the uniform runs, example by example.
     mixed = pipe(prompts, jax.random.key(0), guidance_scale=[0.0, 1.0, 3.0], base_respacing="10")
     for i, scale in enumerate((0.0, 1.0, 3.0)):
         np.testing.assert_allclose(mixed["images"][i], outs[scale][i], atol=1e-5)
 
 
-def _random_params(model, args, kwargs, seed):
+def _random_params(model, args, kwargs, seed, amplitude=0.05):
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), *args, **kwargs))["params"]
-    return jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), params)
+    wave = lambda p: amplitude * jnp.sin(jnp.arange(p.size).reshape(p.shape))  # noqa: E731
+    return jax.tree.map(lambda p: p + wave(p), params)
 
 
 def test_inpainting_keeps_known_pixels_exactly_at_both_stages():

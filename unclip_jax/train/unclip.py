@@ -102,17 +102,22 @@ def decoder_loss(
 def upsampler_pair(rng, image, *, model: UnclipUpsampler, crop_fraction: float = 0.25,
                    degradation: str = "blur"):  # fmt: skip
     """(crop [B, c, c, 3], low_res [B, c/s, c/s, 3]) on device; s = image_size / low_res_size."""
-    if degradation not in ("blur", "none"):
-        raise ValueError(f"on-device degradation must be 'blur' or 'none', got {degradation!r}")
     scale = model.image_size // model.low_res_size
     crop = transforms.crop_size(model.image_size, crop_fraction)
     if crop % scale:
         raise ValueError(f"crops of {crop} px do not downsample by {scale}")
     if image.shape[1] != crop or image.shape[2] != crop:
         image = random_crop(rng, image, crop)
+    return image, degrade(image, crop // scale, degradation)
+
+
+def degrade(image, low_res_size: int, degradation: str):
+    """The on-device conditioning of an upsampler: area-downsampled, then blurred ("blur")."""
     if degradation == "blur":
-        return image, transforms.blur_degrade(image, crop // scale)
-    return image, area_downsample(image, crop // scale)
+        return transforms.blur_degrade(image, low_res_size)
+    if degradation == "none":
+        return area_downsample(image, low_res_size)
+    raise ValueError(f"on-device degradation must be 'blur' or 'none', got {degradation!r}")
 
 
 def upsampler_loss(

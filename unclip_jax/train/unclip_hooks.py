@@ -268,14 +268,11 @@ def decoder_sample(config, model, folder, source, null_text=None):
 def _low_res(config, model, images: np.ndarray) -> np.ndarray:
     """The upsampler's conditioning of full held-out images, degraded as in training."""
     from unclip_jax.data import transforms
-    from unclip_jax.imaging import area_downsample
+    from unclip_jax.train.unclip import degrade
 
     low = model.low_res_size
-    degradation = config.train.degradation
-    if degradation == "blur":
-        return np.asarray(transforms.blur_degrade(jnp.asarray(images), low))
-    if degradation == "none":
-        return area_downsample(images, low)
+    if config.train.degradation != "given":  # the training loss's own on-device degradation
+        return np.asarray(degrade(jnp.asarray(images), low, config.train.degradation))
     # "given": BSR on the host, seeded so every grid of a run sees the same inputs
     rng = np.random.default_rng(config.seed)
     uint8 = np.round((images + 1) * 127.5).astype(np.uint8)
