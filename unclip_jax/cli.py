@@ -310,7 +310,7 @@ def _cmd_convert(args) -> None:
     from unclip_jax.convert import runs
 
     out = pathlib.Path(args.out)
-    names = ("clip",) if args.source == "clip" else ("clip", "prior", "decoder", "upsampler")
+    names = ("clip", "prior", "decoder", "upsampler")
     targets = [out] if args.source == "clip" else [out / n for n in names]
     for target in targets:
         if (target / "checkpoints").exists():
