@@ -91,6 +91,15 @@ def get_config(arg=None):
     a.glide_steps = 15
     a.upsample = False  # faithfulness is read at 32 px as well; saves compiling the upsampler again
 
+    # Faithfulness on the validation / test_compositional splits' own captions (the quality recipe
+    # turns it on; the demo's 16-minute budget leaves it off).
+    e = c.split_eval = ml_collections.ConfigDict()
+    e.enabled = False
+    e.splits = ("validation", "test_compositional")
+    e.captions = 64  # per split: the first `captions` examples, sampled once each per pipeline
+    e.batch = 32
+    e.steps = 25
+
     if mini:
         tiny_data = ("optim.warmup_steps=1",)
         s.clip = stage("clip_vit_b32:tiny", 3, 16, 2e-3, *tiny_data)
@@ -110,4 +119,6 @@ def get_config(arg=None):
         a.glide_scales = (1.0, 3.0)  # batch 2 as in the sample stage: its samplers are reused
         a.samples_per_prompt = 1
         a.decoder_steps = a.glide_steps = 2
+        e.enabled = True
+        e.captions, e.batch, e.steps = 4, 2, 2  # batch 2 as in the sample stage
     return c

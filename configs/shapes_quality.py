@@ -52,4 +52,8 @@ def get_config(arg=None):
     a.decoder_scales = a.glide_scales = (1.0, 3.0, 5.0)
     a.samples_per_prompt = 4
     a.decoder_steps = a.glide_steps = 25
+
+    e = c.split_eval
+    e.enabled = True
+    e.captions, e.batch, e.steps = 96, 32, 25
     return ml_collections.ConfigDict(c)

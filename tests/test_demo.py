@@ -9,6 +9,7 @@ import pathlib
 from PIL import Image
 
 from unclip_jax import config_utils
+from unclip_jax.data import shapes as shapes_data
 from unclip_jax.demo import shapes
 
 TRAINED = ("clip", "prior", "ar_prior", "decoder", "upsampler", "glide")
@@ -26,7 +27,8 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
     report = shapes.run(config, out)
 
     stages = report["stages"]
-    assert list(stages) == ["data", "clip", "embed", *TRAINED[1:], "sample", "ablation"]
+    assert list(stages) == ["data", "clip", "embed", *TRAINED[1:], "sample", "ablation",
+                            "split_eval"]  # fmt: skip
     assert json.loads((out / "demo.json").read_text())["stages"].keys() == stages.keys()
     for name in TRAINED:
         record = stages[name]
@@ -54,11 +56,23 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
     for plot in ablation["paths"]["plots"]:
         assert _png(plot)[0] > 100
     assert ablation["summary"] and all(isinstance(line, str) for line in ablation["summary"])
+    e = config.split_eval
+    for split in e.splits:
+        result = stages["split_eval"][split]
+        # The first captions' ground-truth renders at 32 px read exactly (the detector's ceiling).
+        assert result["ground_truth_32px"]["caption"] == 1.0
+        for pipe in ("unclip", "glide"):
+            assert result[pipe]["n"] == e.captions and 0.0 <= result[pipe]["caption"] <= 1.0
+            record = json.loads((out / "split_eval" / split / pipe / "record.json").read_text())
+            assert record["captions"][0] == shapes_data.render_example(split, 0).caption
+            assert len(record["images"]) == e.captions and _png(record["images"][0]) == (32, 32)
     table = "\n".join(shapes.format_report(report))
     assert "seen / held-out" in table and "total" in table
+    assert "test_compositional captions" in table
 
     # A second run trains nothing and reuses the samples and the ablation.
     again = shapes.run(config, out)["stages"]
-    assert all(again[name]["skipped"] for name in (*TRAINED, "embed", "sample", "ablation"))
+    assert all(again[name]["skipped"]
+               for name in (*TRAINED, "embed", "sample", "ablation", "split_eval"))  # fmt: skip
     assert again["sample"]["unclip"] == stages["sample"]["unclip"]
     assert sum(again[name]["cpu_seconds"] for name in again) < 60

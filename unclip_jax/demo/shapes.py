@@ -14,6 +14,9 @@
                and their caption faithfulness (eval.faithfulness.evaluate_shapes), over all
                samples, the seen and the held-out compositions
     ablation   guidance scale x prior type (eval.ablate.run_ablation)     -> ablation/
+    split_eval caption faithfulness on the first captions of the `validation` and
+               `test_compositional` splits, both pipelines at 32 px, beside the detector's own
+               score on the ground-truth renders at 32 px (the ceiling)   -> split_eval/
 
 Reuse. A training stage whose run folder holds its final step is skipped; one with an earlier
 checkpoint resumes (the shared loop's own resume). The run's config is recorded beside it
@@ -353,6 +356,67 @@ def ablation_stage(demo: Demo, pipes: Pipelines) -> None:
         record["rows"] = len(result["rows"])
 
 
+def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
+    """Faithfulness on the splits' own captions (`shapes.render_example`, index 0 upward): every
+    caption sampled once by unCLIP and once by GLIDE at the demo's sample settings, in chunks of
+    `batch` (one compiled sampler per pipeline), read at 32 px without the upsampler; and the
+    ground-truth renders area-downsampled to 32 px, read the same way."""
+    import jax
+
+    from unclip_jax.data import shapes
+    from unclip_jax.eval.faithfulness import evaluate_shapes
+    from unclip_jax.imaging import area_downsample
+    from unclip_jax.pipelines.outputs import save_samples
+
+    e, s = demo.config.split_eval, demo.config.sample
+    if e.captions % e.batch:
+        raise ValueError(f"split_eval.captions ({e.captions}) must be a multiple of "
+                         f"split_eval.batch ({e.batch})")  # fmt: skip
+    steps = {n: latest_step(demo.run_dir(n)) for n in TRAINED}
+    settings = [_to_plain(e), s.prior, s.prior_guidance, s.decoder_guidance, s.glide_guidance]
+    fingerprint = _fingerprint([settings, steps, demo.config.seed])
+    out = demo.out / "split_eval"
+    with demo.stage("split_eval", out) as record:
+        old = demo.cached("split_eval", fingerprint)
+        if old is not None:
+            record.update({k: v for k, v in old.items() if k not in ("seconds", "cpu_seconds")})
+            record["skipped"] = True
+            return
+        record["fingerprint"] = fingerprint
+        rng = jax.random.key(demo.config.seed + 1)
+        for split_index, split in enumerate(e.splits):
+            examples = [shapes.render_example(split, i) for i in range(e.captions)]
+            captions = [ex.caption for ex in examples]
+            truth = np.stack([ex.image for ex in examples]).astype(np.float32)
+            truth = area_downsample(truth, 32)
+            truth_score = evaluate_shapes(truth, captions, value_range=(0, 255))
+            result = {"ground_truth_32px": _to_plain(truth_score)}
+            for pipe in ("unclip", "glide"):
+                start, chunks = time.perf_counter(), []
+                for c in range(0, e.captions, e.batch):
+                    key = jax.random.fold_in(rng, 1000 * split_index + c)
+                    chunk = captions[c : c + e.batch]
+                    if pipe == "unclip":
+                        r = pipes.unclip(chunk, key, prior=s.prior, upsample=False,
+                                         prior_guidance=s.prior_guidance,
+                                         decoder_guidance=s.decoder_guidance,
+                                         decoder_respacing=str(e.steps))  # fmt: skip
+                    else:
+                        r = pipes.glide(chunk, key, guidance_scale=s.glide_guidance,
+                                        base_respacing=str(e.steps))  # fmt: skip
+                    chunks.append(np.asarray(jax.device_get(r["images"])))
+                images = np.concatenate(chunks)
+                seconds = time.perf_counter() - start
+                paths = save_samples(out / split / pipe, images, dict(
+                    pipeline=pipe, split=split, captions=captions, steps=e.steps,
+                    prior=s.prior if pipe == "unclip" else None,
+                    guidance=s.decoder_guidance if pipe == "unclip" else s.glide_guidance,
+                    seed=demo.config.seed, model_steps=steps, seconds=seconds), ncol=8)  # fmt: skip
+                result[pipe] = _to_plain(evaluate_shapes(images, captions))
+                result[pipe].update(grid=paths["grid"], seconds=round(seconds, 2))
+            record[split] = result
+
+
 # ------------------------------------------------------------------------------------ the demo
 def run(config, out_dir) -> dict:
     """Run (or reuse) every stage of the demo under `out_dir`; returns the report (demo.json)."""
@@ -371,6 +435,8 @@ def run(config, out_dir) -> dict:
     sample_stage(demo, pipes)
     if config.ablation.enabled:
         ablation_stage(demo, pipes)
+    if config.split_eval.enabled:
+        split_eval_stage(demo, pipes)
     demo.report["total_seconds"] = round(time.perf_counter() - start_wall, 2)
     demo.report["total_cpu_seconds"] = round(_cpu_seconds() - start_cpu, 2)
     demo.save()
@@ -405,6 +471,16 @@ def format_report(report: dict) -> list[str]:
         lines += [f"{'':<36}{n}" for n in notes]
     lines.append(f"{'total':<10}{report['total_seconds']:>8.1f}{report['total_cpu_seconds']:>8.1f}"
                  f"  report: {pathlib.Path(report['out']) / 'demo.json'}")  # fmt: skip
+    split_eval = report["stages"].get("split_eval", {})
+    for split in ("validation", "test_compositional"):
+        r = split_eval.get(split)
+        if r:
+            lines.append(f"{split} captions, faithful (caption / colour / shape / relation):")
+            for name in ("unclip", "glide", "ground_truth_32px"):
+                f = r.get(name, {})
+                attrs = ("caption", "color", "shape", "relation")
+                numbers = " / ".join(_fmt(f.get(a)) for a in attrs)
+                lines.append(f"  {name:<18}{numbers}  (n={f.get('n')})")
     ablation = report["stages"].get("ablation", {})
     if ablation.get("summary"):
         lines.append("ablation:")
