@@ -40,6 +40,8 @@ lint: $(VENV)/.stamp-test
 	$(BIN)/ruff format --check .
 
 ## fixtures: regenerate the parity fixtures with torch/diffusers/transformers (not needed by tests)
+# The GLIDE fixtures (tests/fixtures/glide_tiny) need a glide-text2im source tree, so they are not
+# in this target: $(BIN)/python tests/fixtures/make_glide_fixtures.py --glide-src DIR
 fixtures: $(VENV)/.stamp-parity
 	$(BIN)/python tests/fixtures/make_diffusion_fixtures.py
 	$(BIN)/python tests/fixtures/make_unet_fixtures.py

@@ -311,12 +311,15 @@ def _cmd_convert(args) -> None:
 
     out = pathlib.Path(args.out)
     names = ("clip", "prior", "decoder", "upsampler")
-    targets = [out] if args.source == "clip" else [out / n for n in names]
+    targets = [out / n for n in names] if args.source == "karlo" else [out]
     for target in targets:
         if (target / "checkpoints").exists():
             raise UserError(f"{target} already holds a run; choose another --out")
     if args.source == "clip":
         written = {"clip": runs.convert_clip(args.path, out, tokenizer=args.tokenizer)}
+    elif args.source == "glide":
+        written = {"glide": runs.convert_glide(args.path, out, tokenizer=args.tokenizer,
+                                               mode=args.mode)}  # fmt: skip
     else:
         written = runs.convert_karlo(args.path, out)
     for name, folder in written.items():
@@ -326,6 +329,11 @@ def _cmd_convert(args) -> None:
               f"--prior-run {written['prior']} --decoder {written['decoder']}"
               + (f" --upsamplers {written['upsampler']}" if "upsampler" in written else "")
               + ' "a prompt"')  # fmt: skip
+    if args.source == "glide":
+        print(
+            f'sample with: unclip-jax sample --base {written["glide"]} "a prompt" (an upsampler '
+            "run: --upsampler, beside a base)"
+        )
 
 
 def _cmd_data_prepare(args) -> None:
@@ -477,18 +485,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser(
         "convert",
-        help="import public weights (transformers CLIP, diffusers unCLIP/Karlo) as run folders",
-        description="Convert safetensors weights (pickles are refused) into params-only run "
-        "folders that sample/vary/interpolate/ablate/eval read like trained runs and that a "
-        "training config can start from (ckpt.init_from). Sources: clip = a transformers CLIP "
-        "folder (config.json, model.safetensors, tokenizer files) -> OUT; karlo = a diffusers "
-        "unCLIP folder (kakaobrain/karlo-v1-alpha's layout) -> OUT/clip, OUT/prior, "
-        "OUT/decoder, OUT/upsampler. Nothing is downloaded.",
+        help="import public weights (transformers CLIP, diffusers unCLIP/Karlo, GLIDE) as run "
+        "folders",
+        description="Convert public weights into params-only run folders that sample/vary/"
+        "interpolate/inpaint/ablate/eval read like trained runs and that a training config can "
+        "start from (ckpt.init_from). Sources: clip = a transformers CLIP folder (config.json, "
+        "model.safetensors, tokenizer files) -> OUT; karlo = a diffusers unCLIP folder "
+        "(kakaobrain/karlo-v1-alpha's layout) -> OUT/clip, OUT/prior, OUT/decoder, "
+        "OUT/upsampler; glide = one glide-text2im checkpoint (base.pt, base_inpaint.pt, "
+        "upsample.pt, upsample_inpaint.pt) with --tokenizer glide_text2im/tokenizer -> OUT. "
+        "Safetensors are read directly; GLIDE's torch pickles through a restricted reader that "
+        "runs no code (tensors only). Nothing is downloaded.",
     )
-    convert.add_argument("source", choices=("clip", "karlo"), help="what the folder holds")
-    convert.add_argument("path", help="the weights folder")
+    convert.add_argument("source", choices=("clip", "karlo", "glide"),
+                         help="what the path holds")  # fmt: skip
+    convert.add_argument("path", help="the weights folder (glide: the .pt file)")
     convert.add_argument("--out", required=True, help="run folder (karlo: a folder of runs)")
-    convert.add_argument("--tokenizer", help="clip: tokenizer folder, if not beside the weights")
+    convert.add_argument("--tokenizer", help="clip: tokenizer folder, if not beside the weights; "
+                         "glide: the folder with encoder.json.gz + vocab.bpe.gz (glide-text2im's "
+                         "tokenizer/) or vocab.json + merges.txt (required)")  # fmt: skip
+    convert.add_argument(
+        "--mode",
+        choices=("base", "inpaint", "upsample", "upsample_inpaint"),
+        help="glide: the checkpoint's model (default: read from the weights)",
+    )
     convert.set_defaults(func=_cmd_convert)
 
     from unclip_jax.eval.ablate import add_ablate_arguments, run_ablate

@@ -228,6 +228,74 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
 
+# GLIDE's BPE files under their glide-text2im names (gzipped) or GPT-2's / transformers' names.
+_GPT2_VOCAB = ("vocab.json", "encoder.json", "encoder.json.gz")
+_GPT2_MERGES = ("merges.txt", "vocab.bpe", "vocab.bpe.gz")
+
+
+def _read_text(path: pathlib.Path) -> str:
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8")
+
+
+class Gpt2BpeTokenizer:
+    """GLIDE's tokenizer (glide-text2im tokenizer/bpe.py): GPT-2's byte-level BPE over lowercased
+    text, no special tokens added; the pad id is the last id (<|endoftext|>, 50256 for GPT-2).
+
+    Loaded from a folder holding glide-text2im's `encoder.json.gz` + `vocab.bpe.gz` (as bundled in
+    its tokenizer/ package), or GPT-2's `vocab.json` + `merges.txt`; nothing is downloaded. The
+    BPE runs in `tokenizers` with GPT-2's pre-tokenizer regex, the one bpe.py uses, so the ids
+    are bpe.py's (checked against it: tests/test_glide_import.py). `save(folder)` writes
+    vocab.json + merges.txt.
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise ValueError("a GPT-2 BPE vocabulary must number its tokens 0..N-1")
+        self.vocab, self.merges = dict(vocab), list(merges)
+        self.vocab_size = len(vocab)
+        self.pad_id = self.vocab_size - 1  # bpe.py's end_token: n_vocab - 1
+        bpe = Tokenizer(models.BPE(vocab=self.vocab, merges=self.merges))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        self._bpe = bpe
+
+    @classmethod
+    def from_folder(cls, folder: str | pathlib.Path) -> Gpt2BpeTokenizer:
+        folder = pathlib.Path(folder)
+        found = []
+        for names in (_GPT2_VOCAB, _GPT2_MERGES):
+            path = next((folder / n for n in names if (folder / n).is_file()), None)
+            if path is None:
+                raise FileNotFoundError(f"no GPT-2 BPE file in {folder}: expected one of "
+                                        f"{', '.join(names)}")  # fmt: skip
+            found.append(path)
+        vocab = json.loads(_read_text(found[0]))
+        lines = _read_text(found[1]).split("\n")
+        # Both files start with a "#version" line; bpe.py drops the first and the last line.
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+        bad = next((m for m in merges if len(m) != 2), None)
+        if bad is not None:
+            raise ValueError(f"{found[1]}: a merge line must hold two tokens, got {bad!r}")
+        return cls(vocab, merges)
+
+    def encode(self, text: str) -> list[int]:
+        return self._bpe.encode(text, add_special_tokens=False).ids
+
+    def save(self, folder: str | pathlib.Path) -> pathlib.Path:
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False))
+        merges = "\n".join(" ".join(m) for m in self.merges)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
+        return folder
+
+
 def glide_tokenize(tokenizer, prompts: list[str], text_ctx: int, pad_id: int, *, warn: bool = True):
     """GLIDE's text input: lowercased, no start/end tokens, truncated, padded with pad_id.
 
@@ -252,10 +320,20 @@ def glide_tokenize(tokenizer, prompts: list[str], text_ctx: int, pad_id: int, *,
     return tokens, mask
 
 
-def glide_tokenizer_from_config(data_config):
-    """The tokenizer a GLIDE-style config's data section names (only "bytes" is offline here)."""
+def glide_tokenizer_from_config(data_config, run_dir: str | pathlib.Path | None = None):
+    """The tokenizer a GLIDE-style config's data section names: "bytes", or "gpt2_bpe" read from
+    the run folder's tokenizer/ (a converted GLIDE run carries it there)."""
     name = data_config.get("tokenizer", "bytes")
     if name == "bytes":
         return ByteTokenizer()
-    raise ValueError(f"tokenizer {name!r} is not available offline; GLIDE-style models here use "
-                     "'bytes' (the released GPT-2 BPE files are not bundled)")  # fmt: skip
+    if name == "gpt2_bpe":
+        folder = None
+        if run_dir is not None:  # the run folder, or its checkpoints/ folder
+            run_dir = pathlib.Path(run_dir)
+            run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir
+            folder = run_dir / "tokenizer"
+        if folder is None or not folder.is_dir():
+            raise ValueError(f"tokenizer 'gpt2_bpe' needs the run's tokenizer/ folder, not found "
+                             f"in {run_dir}; `unclip-jax convert glide` writes it")  # fmt: skip
+        return Gpt2BpeTokenizer.from_folder(folder)
+    raise ValueError(f"unknown GLIDE tokenizer {name!r}: 'bytes' or 'gpt2_bpe'")

@@ -14,6 +14,9 @@ Sources:
                            tokenizer files -> a `clip` run (tokenizer/ inside)
   convert_karlo(src, out)  a diffusers unCLIP folder (kakaobrain/karlo-v1-alpha's layout) ->
                            out/clip, out/prior, out/decoder, out/upsampler
+  convert_glide(src, out)  one glide-text2im checkpoint (base.pt, base_inpaint.pt, upsample.pt,
+                           upsample_inpaint.pt; read without torch, convert/torch_pickle.py) and
+                           its BPE files -> a `glide` run (tokenizer/ inside)
 
 Every rewritten model section is checked: the model it builds must have exactly the imported
 params' tree and shapes (jax.eval_shape, no compute), so a run that loads is a run that matches.
@@ -233,3 +236,56 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
         runs["upsampler"] = save_params(out / "upsampler", config, params)
         log.info("converted upsampler -> %s", runs["upsampler"])
     return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# GLIDE (glide-text2im)
+
+# Our mode -> the preset whose diffusion, sampling and training sections the run carries.
+GLIDE_PRESETS = {"base": "glide_base64", "inpaint": "glide_inpaint64",
+                 "upsample": "glide_upsample256",
+                 "upsample_inpaint": "glide_upsample256:inpaint"}  # fmt: skip
+
+
+def convert_glide(src, out, *, tokenizer, mode: str | None = None, preset: str | None = None,
+                  **released) -> pathlib.Path:  # fmt: skip
+    """A glide-text2im checkpoint -> a `glide` run at `out`, sampled by `unclip-jax sample --base`
+    (base, inpaint) or `--upsampler` (upsample, upsample_inpaint), or `inpaint`.
+
+    tokenizer: a folder with glide-text2im's BPE files (its glide_text2im/tokenizer/:
+    encoder.json.gz + vocab.bpe.gz) or GPT-2's vocab.json + merges.txt; saved into out/tokenizer.
+    mode: checked against the weights (None: inferred from them). preset: default by mode
+    (GLIDE_PRESETS); the model section is the imported one, the compute dtype the preset's.
+    released: load_glide's overrides of the released hyperparameters no weight reveals
+    (image_size, num_head_channels, xf_heads, low_res_size), for checkpoints other than OpenAI's.
+    """
+    from unclip_jax.convert.glide import abstract_params, load_glide
+    from unclip_jax.models.glide import glide_from_config
+    from unclip_jax.tokenizers import Gpt2BpeTokenizer
+
+    src, out = pathlib.Path(src), pathlib.Path(out)
+    if tokenizer is None:
+        raise FileNotFoundError("a GLIDE run needs its BPE files: pass --tokenizer DIR (glide-"
+                                "text2im's glide_text2im/tokenizer folder)")  # fmt: skip
+    bpe = Gpt2BpeTokenizer.from_folder(tokenizer)
+    model_cfg, params = load_glide(src, mode, **released)
+    if model_cfg.text.vocab_size != bpe.vocab_size:
+        raise ConversionError(f"{src} embeds {model_cfg.text.vocab_size} tokens but the tokenizer "
+                              f"in {tokenizer} has {bpe.vocab_size}")  # fmt: skip
+    config = _preset(preset or GLIDE_PRESETS[model_cfg.mode])
+    with config.unlocked():
+        dtype = config.model.get("dtype", "float32")
+        config.model = model_cfg
+        config.model.dtype = dtype
+        config.data.tokenizer = "gpt2_bpe"
+
+    def build(m):
+        return abstract_params(glide_from_config(m), m.get("low_res_size"))
+
+    _check_matches(f"glide-text2im {model_cfg.mode}", config.model, build, params)
+    _stamp(config, src, f"glide-text2im {model_cfg.mode}")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tokenizer.tmp"
+    bpe.save(tmp)
+    tmp.rename(out / "tokenizer")
+    return save_params(out, config, params)

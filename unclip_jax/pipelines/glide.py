@@ -179,5 +179,5 @@ def pipeline_from_runs(base, upsampler=None) -> GlidePipeline:
         if "upsample" not in up_stage.model.mode:
             raise ValueError(f"{upsampler} holds a {up_stage.model.mode!r} model, not an "
                              "upsampler")  # fmt: skip
-    return GlidePipeline(base_stage, glide_tokenizer_from_config(config.data), up_stage,
+    return GlidePipeline(base_stage, glide_tokenizer_from_config(config.data, base), up_stage,
                          pad_id=config.model.text.pad_id)  # fmt: skip

@@ -389,7 +389,7 @@ def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None,
         decoder=_stage(dec_model, dec_params, dec_config, make_model_fn),
         decoder_model=dec_model,
         decoder_sample=dict(dec_config.sample),
-        glide_tokenizer=glide_tokenizer_from_config(dec_config.data) if glide else None,
+        glide_tokenizer=glide_tokenizer_from_config(dec_config.data, decoder) if glide else None,
         pad_id=dec_config.model.text.pad_id if glide else None,
     )
     if prior is not None:
