@@ -123,6 +123,17 @@ class Demo:
             return old
         return None
 
+    def reuse(self, name: str, fingerprint: str, record: dict) -> bool:
+        """Fill `record` from the previous run's (same fingerprint, files still there) and say so;
+        otherwise stamp the fingerprint on it, for the stage to compute."""
+        old = self.cached(name, fingerprint)
+        if old is None:
+            record["fingerprint"] = fingerprint
+            return False
+        record.update({k: v for k, v in old.items() if k not in ("seconds", "cpu_seconds")})
+        record["skipped"] = True
+        return True
+
     def save(self) -> None:
         path = self.out / "demo.json"
         path.write_text(json.dumps(_to_plain(self.report), indent=1, default=str) + "\n")
@@ -290,12 +301,8 @@ def sample_stage(demo: Demo, pipes: Pipelines) -> None:
     fingerprint = _fingerprint([_to_plain(s), steps, demo.config.seed])
     out = demo.out / "samples"
     with demo.stage("sample", out) as record:
-        old = demo.cached("sample", fingerprint)
-        if old is not None:
-            record.update({k: v for k, v in old.items() if k not in ("seconds", "cpu_seconds")})
-            record["skipped"] = True
+        if demo.reuse("sample", fingerprint, record):
             return
-        record["fingerprint"] = fingerprint
         prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
         rng = jax.random.key(demo.config.seed)
         start = time.perf_counter()
@@ -336,12 +343,8 @@ def ablation_stage(demo: Demo, pipes: Pipelines) -> None:
             return
         steps = {n: latest_step(demo.run_dir(n)) for n in TRAINED}
         fingerprint = _fingerprint([_to_plain(a), steps, demo.config.seed])
-        old = demo.cached("ablation", fingerprint)
-        if old is not None:
-            record.update({k: v for k, v in old.items() if k not in ("seconds", "cpu_seconds")})
-            record["skipped"] = True
+        if demo.reuse("ablation", fingerprint, record):
             return
-        record["fingerprint"] = fingerprint
         result = ablate.run_ablation(
             prompts=list(a.prompts), out_dir=out, unclip=pipes.unclip, glide=pipes.glide,
             prior_types=tuple(a.prior_types), decoder_scales=tuple(a.decoder_scales),
@@ -377,12 +380,8 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
     fingerprint = _fingerprint([settings, steps, demo.config.seed])
     out = demo.out / "split_eval"
     with demo.stage("split_eval", out) as record:
-        old = demo.cached("split_eval", fingerprint)
-        if old is not None:
-            record.update({k: v for k, v in old.items() if k not in ("seconds", "cpu_seconds")})
-            record["skipped"] = True
+        if demo.reuse("split_eval", fingerprint, record):
             return
-        record["fingerprint"] = fingerprint
         rng = jax.random.key(demo.config.seed + 1)
         for split_index, split in enumerate(e.splits):
             examples = [shapes.render_example(split, i) for i in range(e.captions)]
