@@ -327,11 +327,7 @@ def glide_tokenizer_from_config(data_config, run_dir: str | pathlib.Path | None 
     if name == "bytes":
         return ByteTokenizer()
     if name == "gpt2_bpe":
-        folder = None
-        if run_dir is not None:  # the run folder, or its checkpoints/ folder
-            run_dir = pathlib.Path(run_dir)
-            run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir
-            folder = run_dir / "tokenizer"
+        folder = None if run_dir is None else pathlib.Path(run_dir) / "tokenizer"
         if folder is None or not folder.is_dir():
             raise ValueError(f"tokenizer 'gpt2_bpe' needs the run's tokenizer/ folder, not found "
                              f"in {run_dir}; `unclip-jax convert glide` writes it")  # fmt: skip

@@ -284,8 +284,5 @@ def convert_glide(src, out, *, tokenizer, mode: str | None = None, preset: str |
 
     _check_matches(f"glide-text2im {model_cfg.mode}", config.model, build, params)
     _stamp(config, src, f"glide-text2im {model_cfg.mode}")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "tokenizer.tmp"
-    bpe.save(tmp)
-    tmp.rename(out / "tokenizer")
+    bpe.save(out / "tokenizer")
     return save_params(out, config, params)
