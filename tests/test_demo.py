@@ -76,3 +76,17 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
                for name in (*TRAINED, "embed", "sample", "ablation", "split_eval"))  # fmt: skip
     assert again["sample"]["unclip"] == stages["sample"]["unclip"]
     assert sum(again[name]["cpu_seconds"] for name in again) < 60
+
+    # A model retrained to the same step with another config (here: another mean type) changes
+    # what the sampling stages' fingerprints read, so their cached records are not reused.
+    demo = shapes.Demo(config, out)
+    before = shapes.trained_models(demo)
+    identity = out / "runs" / "decoder" / "demo_stage.json"
+    retrained = json.loads(identity.read_text())
+    assert retrained["diffusion"]["mean_type"] == "velocity"  # the demo's (shapes_demo.VELOCITY)
+    retrained["diffusion"]["mean_type"] = "epsilon"
+    identity.write_text(json.dumps(retrained))
+    after = shapes.trained_models(demo)
+    assert after["decoder"]["step"] == before["decoder"]["step"]
+    assert after["decoder"]["config"] != before["decoder"]["config"]
+    assert after["glide"] == before["glide"]

@@ -20,11 +20,12 @@
 
 Reuse. A training stage whose run folder holds its final step is skipped; one with an earlier
 checkpoint resumes (the shared loop's own resume). The run's config is recorded beside it
-(demo_stage.json) and a rerun with a different model or data refuses to mix them. Sampling and the
-ablation are cached by a fingerprint (their settings + the step of every model they read) kept in
-demo.json: a second run with the same config only reloads the records, which is what keeps it
-under two minutes on CPU (compiled samplers do not survive the process). Everything, timings
-included, goes to <out>/demo.json; `format_report` renders the final table.
+(demo_stage.json) and a rerun with a different model or data refuses to mix them. Sampling, the
+ablation and split_eval are cached by a fingerprint (their settings + the step and training config
+of every model they read) kept in demo.json: a second run with the same config only reloads the
+records, which is what keeps it under two minutes on CPU (compiled samplers do not survive the
+process). Everything, timings included, goes to <out>/demo.json; `format_report` renders the final
+table.
 """
 
 from __future__ import annotations
@@ -217,6 +218,18 @@ def train_stage(demo: Demo, name: str) -> None:
         record["steps_per_s"] = metrics.get("steps_per_s")
 
 
+def trained_models(demo: Demo) -> dict:
+    """What the sampling stages read, for their fingerprints: per trained model its latest step
+    and the training config it was trained with (a run retrained to the same step with another
+    config, e.g. a different mean_type, must not reuse the old samples)."""
+    out = {}
+    for name in TRAINED:
+        identity = demo.run_dir(name) / "demo_stage.json"
+        config = json.loads(identity.read_text()) if identity.exists() else None
+        out[name] = {"step": latest_step(demo.run_dir(name)), "config": config}
+    return out
+
+
 def embed_stage(demo: Demo) -> None:
     """CLIP embeddings of the train split (data.embeddings' resumable writer)."""
     from unclip_jax.data.embed_cli import run_embed
@@ -297,8 +310,9 @@ def sample_stage(demo: Demo, pipes: Pipelines) -> None:
     from unclip_jax.pipelines.outputs import save_samples
 
     s = demo.config.sample
-    steps = {n: latest_step(demo.run_dir(n)) for n in TRAINED}
-    fingerprint = _fingerprint([_to_plain(s), steps, demo.config.seed])
+    models = trained_models(demo)
+    steps = {name: model["step"] for name, model in models.items()}
+    fingerprint = _fingerprint([_to_plain(s), models, demo.config.seed])
     out = demo.out / "samples"
     with demo.stage("sample", out) as record:
         if demo.reuse("sample", fingerprint, record):
@@ -341,8 +355,8 @@ def ablation_stage(demo: Demo, pipes: Pipelines) -> None:
             record.update(skipped=True, missing=str(err))
             print(f"[demo] ablation unavailable ({err}); skipped", flush=True)
             return
-        steps = {n: latest_step(demo.run_dir(n)) for n in TRAINED}
-        fingerprint = _fingerprint([_to_plain(a), steps, demo.config.seed])
+        models = trained_models(demo)
+        fingerprint = _fingerprint([_to_plain(a), models, demo.config.seed])
         if demo.reuse("ablation", fingerprint, record):
             return
         result = ablate.run_ablation(
@@ -375,9 +389,10 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
     if e.captions % e.batch:
         raise ValueError(f"split_eval.captions ({e.captions}) must be a multiple of "
                          f"split_eval.batch ({e.batch})")  # fmt: skip
-    steps = {n: latest_step(demo.run_dir(n)) for n in TRAINED}
+    models = trained_models(demo)
+    steps = {name: model["step"] for name, model in models.items()}
     settings = [_to_plain(e), s.prior, s.prior_guidance, s.decoder_guidance, s.glide_guidance]
-    fingerprint = _fingerprint([settings, steps, demo.config.seed])
+    fingerprint = _fingerprint([settings, models, demo.config.seed])
     out = demo.out / "split_eval"
     with demo.stage("split_eval", out) as record:
         if demo.reuse("split_eval", fingerprint, record):
