@@ -13,6 +13,7 @@ from unclip_jax.eval import clip_metrics as cm
 from unclip_jax.eval.faithfulness import (
     CaptionSpec,
     ObjectSpec,
+    background_error,
     evaluate_shapes,
     parse_caption,
     score_caption,
@@ -50,6 +51,20 @@ def test_renders_are_faithful_to_their_captions(examples, split):
     for attr in ("count", "color", "shape", "size", "relation"):
         assert result[attr] >= 0.98, (attr, result)
     assert result["caption"] >= 0.98, result  # measured: 1.0 on both splits
+    assert result["background_error"] == 0.0
+
+
+def test_background_error_reads_the_tint(examples):
+    ex = examples["validation"][0]
+    assert background_error(ex.image) == 0.0
+    small = np.asarray(Image.fromarray(ex.image).resize((32, 32), Image.BOX))
+    assert background_error(small.astype(np.float32) / 127.5 - 1.0) == 0.0  # float, 32 px
+    tinted = ex.image.astype(np.int16)
+    is_background = np.all(ex.image == shapes.BACKGROUND, axis=-1)
+    tinted[is_background] += np.array([-60, 15, -30], np.int16)
+    assert background_error(tinted.astype(np.uint8)) == pytest.approx(35.0)  # (60 + 15 + 30) / 3
+    result = evaluate_shapes([ex.image, tinted.astype(np.uint8)], [ex.caption] * 2)
+    assert result["background_error"] == pytest.approx(17.5)
 
 
 def test_detector_reads_the_ground_truth(examples):

@@ -494,7 +494,9 @@ def format_report(report: dict) -> list[str]:
                 f = r.get(name, {})
                 attrs = ("caption", "color", "shape", "relation")
                 numbers = " / ".join(_fmt(f.get(a)) for a in attrs)
-                lines.append(f"  {name:<18}{numbers}  (n={f.get('n')})")
+                tint = _fmt(f.get("background_error"))
+                lines.append(f"  {name:<18}{numbers}  background off by {tint}/255  "
+                             f"(n={f.get('n')})")  # fmt: skip
     ablation = report["stages"].get("ablation", {})
     if ablation.get("summary"):
         lines.append("ablation:")

@@ -29,7 +29,7 @@ __all__ = ["run_ablation", "summarize", "parse_scales", "add_ablate_arguments", 
 
 UNCLIP_PRIORS = ("diffusion", "ar", "none")
 CSV_COLUMNS = ("pipeline", "prior", "prior_scale", "decoder_scale", "n", *FAITHFULNESS_KEYS,
-               "clip_score", "diversity", "grid")  # fmt: skip
+               "background_error", "clip_score", "diversity", "grid")  # fmt: skip
 
 
 def _check_scales(values, what: str) -> list[float]:
@@ -143,13 +143,14 @@ def _clip_embeddings(clip, images: list, prompts, max_batch):
 def _metrics(images, prompt_index, prompts, evaluate_faithfulness, image_emb, text_emb) -> dict:
     from unclip_jax.eval import clip_metrics as cm
 
-    row = {k: math.nan for k in (*FAITHFULNESS_KEYS, "clip_score", "diversity")}
+    row = {k: math.nan for k in (*FAITHFULNESS_KEYS, "background_error", "clip_score", "diversity")}
     if evaluate_faithfulness:
         from unclip_jax.eval.faithfulness import evaluate_shapes
 
         result = evaluate_shapes(images, [prompts[p] for p in prompt_index])
         row |= {f"faithfulness_{k}": result[k] for k in
                 ("count", "color", "shape", "size", "relation", "caption")}  # fmt: skip
+        row["background_error"] = result["background_error"]
     if image_emb is not None:
         row["clip_score"] = float(np.mean(
             cm.clip_score_from_embeddings(image_emb, text_emb[prompt_index])))  # fmt: skip

@@ -36,6 +36,7 @@ from unclip_jax.eval.shapes_detector import (
     DetectorConfig,
     detect_objects,
     relation_between,
+    to_uint8_64,
 )
 
 _DEFAULT_CONFIG = DetectorConfig()
@@ -183,6 +184,18 @@ def _as_image_list(images) -> list[np.ndarray]:
     return [np.asarray(image) for image in images]
 
 
+def background_error(image, *, value_range=(-1.0, 1.0)) -> float:
+    """How far an image's background is from the shapes background (240, 240, 240): the mean
+    absolute difference, in 0-255 per channel, of the median colour of the outer 2 px ring (read
+    on the 64x64 scale; objects never reach it, data/shapes.py) from it. 0 for every render; a
+    background tinted by a sampler or an undertrained model scores its tint, which the detector
+    would otherwise only show as wrong colours or extra objects."""
+    pixels = to_uint8_64(image, value_range).astype(np.float32)
+    sides = (pixels[:2], pixels[-2:], pixels[2:-2, :2], pixels[2:-2, -2:])
+    ring = np.concatenate([side.reshape(-1, 3) for side in sides])
+    return float(np.abs(np.median(ring, axis=0) - np.asarray(shapes.BACKGROUND)).mean())
+
+
 def evaluate_shapes(
     images,
     captions: Sequence[str],
@@ -196,9 +209,10 @@ def evaluate_shapes(
     images: [B, H, W, 3] uint8 or float in value_range, or a list of [H, W, 3]; any size (read on
     the 64x64 scale). Returns the fraction of faithful examples per attribute in ATTRIBUTES (size
     over the captions that state a size, relation over two-object captions; NaN where none does),
-    with the counts `n`, `n_size`, `n_relation`, and `per_example` (a list of per-attribute
-    verdicts) when return_per_example. Raises ValueError on empty or mismatched inputs, bad images,
-    or a caption outside the grammar (named), before any image is read.
+    the mean `background_error` (see background_error), the counts `n`, `n_size`, `n_relation`,
+    and `per_example` (a list of per-attribute verdicts) when return_per_example. Raises
+    ValueError on empty or mismatched inputs, bad images, or a caption outside the grammar
+    (named), before any image is read.
     """
     if isinstance(captions, str):
         raise ValueError("captions must be a sequence of strings, got one string")
@@ -217,6 +231,8 @@ def evaluate_shapes(
     for attr in ATTRIBUTES:
         verdicts = [r[attr] for r in rows if r[attr] is not None]
         summary[attr] = float(np.mean(verdicts)) if verdicts else math.nan
+    summary["background_error"] = float(np.mean(
+        [background_error(image, value_range=value_range) for image in images]))  # fmt: skip
     summary["n"] = len(rows)
     summary["n_size"] = sum(r["size"] is not None for r in rows)
     summary["n_relation"] = sum(r["relation"] is not None for r in rows)

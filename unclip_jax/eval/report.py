@@ -305,7 +305,8 @@ def evaluate_folder(folder, *, clip=None, reference=None, reference_split=None,
     if faithfulness:
         summary = evaluate_shapes(images, prompts)
         result["faithfulness"] = {k: summary[k] for k in ATTRIBUTES}
-        result["faithfulness"] |= {k: summary[k] for k in ("n", "n_size", "n_relation")}
+        result["faithfulness"] |= {k: summary[k] for k in
+                                   ("background_error", "n", "n_size", "n_relation")}  # fmt: skip
     result["clip_score"] = result["diversity"] = result["frechet_distance"] = None
     if clip is None:
         result["notes"].append("CLIP metrics not measured: no --clip run")
