@@ -90,3 +90,24 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
     assert after["decoder"]["step"] == before["decoder"]["step"]
     assert after["decoder"]["config"] != before["decoder"]["config"]
     assert after["glide"] == before["glide"]
+
+
+def test_demo_stops_when_a_stage_is_preempted(tmp_path, monkeypatch):
+    """A stage whose training stops early (SIGTERM: the loop saves and returns its step) ends the
+    demo there, reported, instead of going on to the next stage with a half-trained model."""
+    from unclip_jax.train import loop
+
+    trained = []
+
+    def preempted_train(config, workdir):
+        trained.append(pathlib.Path(workdir).name)
+        return {"step": 1, "metrics": {}, "workdir": str(workdir)}
+
+    monkeypatch.setattr(loop, "train", preempted_train)
+    config = config_utils.load_config("shapes_demo:mini")
+    report = shapes.run(config, tmp_path / "demo")
+    assert trained == ["clip"] and list(report["stages"]) == ["data"]
+    assert "clip stopped at step 1 of 3" in report["interrupted"]
+    saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert saved["interrupted"] == report["interrupted"]
+    assert any(line.startswith("interrupted: clip") for line in shapes.format_report(report))

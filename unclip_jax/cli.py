@@ -17,7 +17,8 @@ DEMO_NOTE = (
     "tiny unCLIP stack (CLIP, diffusion and AR priors, 32 px decoder, 32->64 upsampler) and a\n"
     "tiny 32 px GLIDE base, samples grids for a few prompts (held-out compositions included)\n"
     "and runs a guidance x prior ablation (15 minutes measured on 2 CPU cores). A rerun\n"
-    "reuses what it trained.\n"
+    "reuses what it trained. SIGTERM saves the training stage under way and stops there;\n"
+    "the same command resumes it.\n"
     "--toy (or --config toy2d[:tiny]) runs the diffusion-core toy demo instead."
 )
 TOY_NOTE = (

@@ -87,6 +87,11 @@ def final_metrics(workdir: pathlib.Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+class Interrupted(Exception):
+    """A training stage stopped early on SIGTERM or a preemption notice; the demo stops there
+    (rather than going on to the next stage) and a rerun resumes it."""
+
+
 class Demo:
     """The state of one demo run: its folders, its report and the previous run's report."""
 
@@ -211,7 +216,11 @@ def train_stage(demo: Demo, name: str) -> None:
         else:
             workdir.mkdir(parents=True, exist_ok=True)
             identity_path.write_text(json.dumps(_identity(config), indent=1) + "\n")
-            train(config, workdir)
+            done = train(config, workdir)["step"]
+            if done < config.optim.steps:  # SIGTERM or a preemption notice: the loop saved
+                raise Interrupted(f"{name} stopped at step {done} of {config.optim.steps} "
+                                  "(SIGTERM or preemption; its checkpoint is saved): run the same "
+                                  "command again to resume")  # fmt: skip
         record["step"] = latest_step(workdir)
         metrics = final_metrics(workdir)
         record["final_loss"] = metrics.get("loss")
@@ -441,16 +450,20 @@ def run(config, out_dir) -> dict:
     with demo.stage("data", demo.data_dir) as record:
         builder = build_shapes(str(demo.data_dir), config.data.config)
         record["train_examples"] = builder.info.splits["train"].num_examples
-    train_stage(demo, "clip")
-    embed_stage(demo)
-    for name in ("prior", "ar_prior", "decoder", "upsampler", "glide"):
-        train_stage(demo, name)
-    pipes = Pipelines(demo)
-    sample_stage(demo, pipes)
-    if config.ablation.enabled:
-        ablation_stage(demo, pipes)
-    if config.split_eval.enabled:
-        split_eval_stage(demo, pipes)
+    try:
+        train_stage(demo, "clip")
+        embed_stage(demo)
+        for name in ("prior", "ar_prior", "decoder", "upsampler", "glide"):
+            train_stage(demo, name)
+        pipes = Pipelines(demo)
+        sample_stage(demo, pipes)
+        if config.ablation.enabled:
+            ablation_stage(demo, pipes)
+        if config.split_eval.enabled:
+            split_eval_stage(demo, pipes)
+    except Interrupted as stop:
+        demo.report["interrupted"] = str(stop)
+        print(f"[demo] {stop}", flush=True)
     demo.report["total_seconds"] = round(time.perf_counter() - start_wall, 2)
     demo.report["total_cpu_seconds"] = round(_cpu_seconds() - start_cpu, 2)
     demo.save()
@@ -497,6 +510,8 @@ def format_report(report: dict) -> list[str]:
                 tint = _fmt(f.get("background_error"))
                 lines.append(f"  {name:<18}{numbers}  background off by {tint}/255  "
                              f"(n={f.get('n')})")  # fmt: skip
+    if report.get("interrupted"):
+        lines.append(f"interrupted: {report['interrupted']}")
     ablation = report["stages"].get("ablation", {})
     if ablation.get("summary"):
         lines.append("ablation:")
