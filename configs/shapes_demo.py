@@ -27,14 +27,14 @@ HELD_OUT_PROMPTS = ("a purple triangle", "a yellow square", "a cyan circle")
 # captions are ~50 bytes, one-object ones under 40).
 GLIDE_32PX = ("model.unet.image_size=32", "model.unet.attention_resolutions='16'",
               "model.text.text_ctx=48")  # fmt: skip
-# The 32 px base models (decoder, GLIDE) predict v = sqrt(abar) eps - sqrt(1 - abar) x_0 instead
-# of the papers' eps: a departure for CPU-sized training, measured. With eps, a model trained for
-# 200-1000 steps does not learn the near-identity eps(x_t) ~ x_t that the first steps from pure
-# noise need (abar_T = 2.4e-9 on the cosine schedule: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-# multiplies its error by 2e4), so sampling commits to a random saturated background in the first
-# ~10% of the chain: median background error 0.65-0.69 on [-1, 1] (demo GLIDE at 200 steps, quality
-# GLIDE at 1000) against 0.02 with v after 400 steps at batch 16 (grey, as in the data). The
-# upsampler is told the colours by its low-resolution input and keeps eps.
+# The pixel diffusion models (decoder, upsampler, GLIDE) predict v = sqrt(abar) eps -
+# sqrt(1 - abar) x_0 instead of the papers' eps: a departure for CPU-sized training, measured.
+# With eps, a model trained for 60-1000 steps does not learn the near-identity eps(x_t) ~ x_t that
+# the first steps from pure noise need (abar_T = 2.4e-9 on the cosine schedule: x_0 = (x_t -
+# sqrt(1 - abar) eps) / sqrt(abar) multiplies its error by 2e4), so sampling commits to a random
+# saturated background in the first ~10% of the chain. Background off the data's grey by 60-110 of
+# 255 with eps (GLIDE after 200 and after 1000 steps; the upsampler, even though its low-resolution
+# input shows the colours: 74-90 after the demo's 60 steps over a v decoder's 3-7), by 3 with v.
 VELOCITY = ("diffusion.mean_type='velocity'",)
 
 
@@ -71,8 +71,8 @@ def get_config(arg=None):
     # UNet (32 channels, 1 block per level) at batch 16.
     s.decoder = stage("decoder64:tiny", 200, 16, 1e-3, *VELOCITY)
     # 32 -> 64: the tiny SR UNet fed the 32 px image (crops of half the side, 32 px, from 16 px).
-    s.upsampler = stage("upsample256:tiny", 60, 8, 1e-3,
-                        "model.low_res_size=32", "train.crop_fraction=0.5")  # fmt: skip
+    s.upsampler = stage("upsample256:tiny", 60, 8, 1e-3, "model.low_res_size=32",
+                        "train.crop_fraction=0.5", *VELOCITY)  # fmt: skip
     s.glide = stage("glide_base64:tiny", 200, 16, 1e-3, *GLIDE_32PX, *VELOCITY)
     c.embed_batch_size = 256
 
@@ -115,7 +115,7 @@ def get_config(arg=None):
         s.prior = stage("prior_diffusion:tiny", 2, 8, 1e-3)
         s.ar_prior = stage("prior_ar:tiny", 2, 8, 1e-3)
         s.decoder = stage("decoder64:tiny", 2, 8, 1e-3, *VELOCITY)
-        s.upsampler = stage("upsample256:tiny", 2, 8, 1e-3, "model.low_res_size=32")
+        s.upsampler = stage("upsample256:tiny", 2, 8, 1e-3, "model.low_res_size=32", *VELOCITY)
         s.glide = stage("glide_base64:tiny", 2, 8, 1e-3, *GLIDE_32PX, *VELOCITY)
         c.embed_batch_size = 64
         p.prompts = ("a red circle", "a purple triangle")

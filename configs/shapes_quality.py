@@ -12,9 +12,10 @@ train step, 2.1 s per step at batch 32), so it is a *reduced* recipe, not the on
   batch 128 each;
 - decoder and GLIDE base: the tiny UNet (32 channels) with a third level, channel_mult (1, 2, 2)
   and attention at 8 px (the same step time as the demo's two levels), 1000 steps at batch 32
-  (32k examples, ten times the demo's); GLIDE's byte-level text transformer 64 wide; both
-  predict v rather than the papers' eps (shapes_demo.VELOCITY says why, with the numbers);
+  (32k examples, ten times the demo's); GLIDE's byte-level text transformer 64 wide;
 - upsampler 32 -> 64: 300 steps at batch 16;
+- the decoder, upsampler and GLIDE predict v rather than the papers' eps (shapes_demo.VELOCITY
+  says why, with the numbers);
 - EMA 0.995 everywhere (a horizon of ~200 steps; 0.9999 would still hold the initial weights);
 - measured by split_eval: the first 64 captions of `validation` and of `test_compositional`,
   one sample each per pipeline at guidance 3, 25 steps, read at 32 px.
@@ -42,7 +43,7 @@ def get_config(arg=None):
     s.ar_prior = stage("prior_ar:tiny", 1500, 128, 1e-3, *PRIOR, EMA)
     s.decoder = stage("decoder64:tiny", 1000, 32, 1e-3, *UNET, *VELOCITY, EMA)
     s.upsampler = stage("upsample256:tiny", 300, 16, 1e-3, "model.low_res_size=32",
-                        "train.crop_fraction=0.5", EMA)  # fmt: skip
+                        "train.crop_fraction=0.5", *VELOCITY, EMA)  # fmt: skip
     s.glide = stage("glide_base64:tiny", 1000, 32, 1e-3, *GLIDE_32PX, *UNET, *VELOCITY,
                     "model.text.width=64", EMA)  # fmt: skip
     c.embed_batch_size = 512
