@@ -129,6 +129,15 @@ def test_reader_batches_join_images_and_resume(setup):
     image = images[int(batch["index"][0])]["image"]
     want = transforms.to_float(transforms.resize_center_crop(image, 32))
     np.testing.assert_array_equal(batch["image"][0], want)
+    # A resumed run builds new source objects (grain checks repr(source) against the state's).
+    state = json.loads(json.dumps(joined.get_state()))
+    want = next(joined)
+    fresh = emb.JoinedSource(emb.embedding_source(setup["out"], "train"),
+                             setup["builder"].as_data_source("train"))  # fmt: skip
+    resumed = emb.make_embedding_loader(fresh, global_batch=4, seed=0, image_size=32,
+                                        process_index=0, process_count=1, **READ)  # fmt: skip
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["image"], want["image"])
     with pytest.raises(ValueError, match="does not match the image source"):
         emb.JoinedSource(source, setup["builder"].as_data_source("validation"))[1]
 

@@ -523,6 +523,11 @@ class JoinedSource:
     def __len__(self) -> int:
         return len(self.embeddings)
 
+    def __repr__(self) -> str:
+        # Grain compares repr(source) when a run resumes its data iterator, so it must describe
+        # the sources (their names and splits), never this object's address.
+        return f"JoinedSource(embeddings={self.embeddings!r}, images={self.images!r})"
+
     def __getitem__(self, i: int) -> dict:
         record = dict(self.embeddings[i])
         image_record = self.images[int(record["index"])]
