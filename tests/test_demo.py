@@ -78,9 +78,11 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
     assert sum(again[name]["cpu_seconds"] for name in again) < 60
 
     # A model retrained to the same step with another config (here: another mean type) changes
-    # what the sampling stages' fingerprints read, so their cached records are not reused.
+    # the sampling stages' fingerprints, so their cached records are not reused.
     demo = shapes.Demo(config, out)
     before = shapes.trained_models(demo)
+    fingerprint = shapes.stage_fingerprint(demo, shapes._to_plain(config.sample))
+    assert again["sample"]["fingerprint"] == fingerprint  # the key the sample stage stored
     identity = out / "runs" / "decoder" / "demo_stage.json"
     retrained = json.loads(identity.read_text())
     assert retrained["diffusion"]["mean_type"] == "velocity"  # the demo's (shapes_demo.VELOCITY)
@@ -90,6 +92,8 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
     assert after["decoder"]["step"] == before["decoder"]["step"]
     assert after["decoder"]["config"] != before["decoder"]["config"]
     assert after["glide"] == before["glide"]
+    changed = shapes.stage_fingerprint(demo, shapes._to_plain(config.sample))
+    assert changed != fingerprint and demo.cached("sample", changed) is None
 
 
 def test_demo_stops_when_a_stage_is_preempted(tmp_path, monkeypatch):

@@ -239,6 +239,12 @@ def trained_models(demo: Demo) -> dict:
     return out
 
 
+def stage_fingerprint(demo: Demo, settings) -> str:
+    """The cache key of a sampling stage: its settings, every trained model's step and training
+    config (trained_models) and the seed."""
+    return _fingerprint([settings, trained_models(demo), demo.config.seed])
+
+
 def embed_stage(demo: Demo) -> None:
     """CLIP embeddings of the train split (data.embeddings' resumable writer)."""
     from unclip_jax.data.embed_cli import run_embed
@@ -319,9 +325,8 @@ def sample_stage(demo: Demo, pipes: Pipelines) -> None:
     from unclip_jax.pipelines.outputs import save_samples
 
     s = demo.config.sample
-    models = trained_models(demo)
-    steps = {name: model["step"] for name, model in models.items()}
-    fingerprint = _fingerprint([_to_plain(s), models, demo.config.seed])
+    steps = {name: model["step"] for name, model in trained_models(demo).items()}
+    fingerprint = stage_fingerprint(demo, _to_plain(s))
     out = demo.out / "samples"
     with demo.stage("sample", out) as record:
         if demo.reuse("sample", fingerprint, record):
@@ -364,8 +369,7 @@ def ablation_stage(demo: Demo, pipes: Pipelines) -> None:
             record.update(skipped=True, missing=str(err))
             print(f"[demo] ablation unavailable ({err}); skipped", flush=True)
             return
-        models = trained_models(demo)
-        fingerprint = _fingerprint([_to_plain(a), models, demo.config.seed])
+        fingerprint = stage_fingerprint(demo, _to_plain(a))
         if demo.reuse("ablation", fingerprint, record):
             return
         result = ablate.run_ablation(
@@ -398,10 +402,9 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
     if e.captions % e.batch:
         raise ValueError(f"split_eval.captions ({e.captions}) must be a multiple of "
                          f"split_eval.batch ({e.batch})")  # fmt: skip
-    models = trained_models(demo)
-    steps = {name: model["step"] for name, model in models.items()}
+    steps = {name: model["step"] for name, model in trained_models(demo).items()}
     settings = [_to_plain(e), s.prior, s.prior_guidance, s.decoder_guidance, s.glide_guidance]
-    fingerprint = _fingerprint([settings, models, demo.config.seed])
+    fingerprint = stage_fingerprint(demo, settings)
     out = demo.out / "split_eval"
     with demo.stage("split_eval", out) as record:
         if demo.reuse("split_eval", fingerprint, record):
