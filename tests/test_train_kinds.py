@@ -43,7 +43,65 @@ def test_tiny_glide_trains_on_shapes(tmp_path):
         assert first.size == (16, 16) and grid.size[0] > 2 * 16
 
 
-def test_unwired_choices_are_named(tmp_path):
-    config = config_utils.load_config("glide_base64", [f"data.dir={tmp_path}"])
-    with pytest.raises(ValueError, match="only 'bytes' is wired up"):
-        train(config, tmp_path / "run")
+BPE = ("data.tokenizer='gpt2_bpe'", "model.text.vocab_size=512", "model.text.pad_id=511",
+       "model.text.text_ctx=16")  # fmt: skip
+
+
+def _fewer_merges(tok, n: int):
+    """(vocab, merges) of `tok` keeping its bytes and first n merges, <|endoftext|> last."""
+    tokens = list(tok.vocab)[: 256 + n] + ["<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, tok.merges[:n]
+
+
+def test_glide_learns_a_bpe_on_its_captions_and_keeps_it_in_the_run(tmp_path):
+    """data.tokenizer 'gpt2_bpe' with no tokenizer/ in the run: a GPT-2-style BPE learned on the
+    captions (a word is one token, ids below the model's vocabulary), saved in the run and read
+    back on resume; a fine-tune takes ckpt.init_from's; bad vocabularies are named."""
+    from unclip_jax.tokenizers import (
+        Gpt2BpeTokenizer,
+        glide_tokenize,
+        glide_tokenizer_from_config,
+        train_gpt2_bpe,
+    )
+    from unclip_jax.train.kinds import glide_kind, glide_tokenizer_for_run
+
+    config = config_utils.load_config("glide_base64:tiny", [f"data.dir={tmp_path / 'data'}", *BPE])
+    run = tmp_path / "run"
+    tok = glide_tokenizer_for_run(config, run)
+    assert (run / "tokenizer").is_dir() and not (run / "tokenizer.partial").exists()
+    assert 256 + 2 <= tok.vocab_size <= 512
+    words = ["a", " red", " circle", " to", " the", " left", " of", " blue", " square"]
+    ids = tok.encode("a red circle to the left of a blue square")
+    assert len(ids) == 10 and max(ids) < tok.vocab_size - 1, ids  # one token per word
+    assert [tok.encode(w) for w in words] == [[i] for i in (ids[:7] + ids[8:])]
+    # Resume and sampling read the saved files: the same ids, padded with the model's pad id.
+    again = glide_tokenizer_from_config(config.data, run)
+    assert again.vocab == tok.vocab and again.merges == tok.merges
+    tokens, mask = glide_tokenize(again, ["a red circle"], 16, 511)
+    assert tokens[0].tolist() == tok.encode("a red circle") + [511] * 13 and mask.sum() == 3
+    batch = next(iter(glide_kind(config, run).data(4, 0, 1)))
+    assert batch["tokens"].shape == (4, 16) and batch["tokens"].max() <= 511
+    # A fine-tune from a run with a tokenizer takes it (not a new one learned on its own data).
+    base = Gpt2BpeTokenizer(*_fewer_merges(tok, 20))
+    base.save(tmp_path / "base" / "tokenizer")
+    tuned = config_utils.load_config("glide_base64:tiny", [
+        f"data.dir={tmp_path / 'data'}", *BPE, f"ckpt.init_from={tmp_path / 'base'}"])  # fmt: skip
+    assert glide_tokenizer_for_run(tuned, tmp_path / "tuned").vocab == base.vocab != tok.vocab
+    assert (tmp_path / "tuned" / "tokenizer" / "vocab.json").is_file()
+
+    with pytest.raises(ValueError, match="pass workdir"):
+        glide_tokenizer_for_run(config)
+    small = config_utils.load_config("glide_base64:tiny", [
+        f"data.dir={tmp_path / 'data'}", *BPE, "model.text.vocab_size=300",
+        "model.text.pad_id=299"])  # fmt: skip
+    with pytest.raises(ValueError, match=f"has {tok.vocab_size} ids; .* vocab_size is 300"):
+        glide_tokenizer_for_run(small, run)  # the run's tokenizer no longer fits
+    clash = config_utils.load_config("glide_base64:tiny", [
+        f"data.dir={tmp_path / 'data'}", *BPE, "model.text.pad_id=100"])  # fmt: skip
+    with pytest.raises(ValueError, match="pad_id 100"):
+        glide_tokenizer_for_run(clash, run)
+    with pytest.raises(ValueError, match="vocab_size must be at least 258"):
+        train_gpt2_bpe(["a red circle"], 257)
+    with pytest.raises(ValueError, match="unknown GLIDE tokenizer 'words'"):
+        glide_tokenizer_for_run(config_utils.load_config(
+            "glide_base64:tiny", ["data.tokenizer='words'"]), run)  # fmt: skip

@@ -228,6 +228,35 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
 
+def train_gpt2_bpe(captions: Iterable[str], vocab_size: int, *, min_frequency: int = 2):
+    """Learn a GLIDE/GPT-2-style byte-level BPE on `captions` (lowercased, as GLIDE's input is):
+    a `Gpt2BpeTokenizer` with at most `vocab_size` ids (>= 258), laid out as GPT-2's vocabulary:
+    ids 0..255 the bytes, one id per merge in the order learned, <|endoftext|> last (the pad id).
+
+    For training GLIDE from scratch where GPT-2's own files are not at hand (nothing here is
+    downloaded): the same pre-tokeniser and merge rules as GPT-2, learned on our data, so a
+    caption's words become single tokens rather than the byte tokenizer's one id per character.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    base = list(bytes_to_unicode().values())
+    if vocab_size < len(base) + 2:
+        raise ValueError(f"vocab_size must be at least {len(base) + 2}, got {vocab_size}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    bpe.train_from_iterator((str(c).lower() for c in captions), trainer)
+    learned = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned]
+    merges = merges[: vocab_size - len(base) - 1]
+    vocab = {}
+    for token in base + ["".join(m) for m in merges] + [EOT]:
+        vocab.setdefault(token, len(vocab))
+    return Gpt2BpeTokenizer(vocab, merges)
+
+
 # GLIDE's BPE files under their glide-text2im names (gzipped) or GPT-2's / transformers' names.
 _GPT2_VOCAB = ("vocab.json", "encoder.json", "encoder.json.gz")
 _GPT2_MERGES = ("merges.txt", "vocab.bpe", "vocab.bpe.gz")

@@ -8,8 +8,14 @@ data order resumable.
 
 from __future__ import annotations
 
+import logging
+import os
+import pathlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ def get_kind(config, workdir=None) -> ModelKind:
 
         return toy2d.model_kind(config)
     if kind == "glide":
-        return glide_kind(config)
+        return glide_kind(config, workdir)
     if kind in ("clip", "ar_prior") and workdir is None:
         raise ValueError(f"a {kind!r} run keeps files in its workdir: pass workdir")
     if kind == "clip":
@@ -49,14 +55,80 @@ def get_kind(config, workdir=None) -> ModelKind:
     if kind == "ar_prior":
         return unclip_kinds.ar_prior_kind(config, workdir)
     if kind == "decoder":
-        return unclip_kinds.decoder_kind(config)
+        return unclip_kinds.decoder_kind(config, workdir)
     if kind == "upsampler":
         return unclip_kinds.upsampler_kind(config)
     raise ValueError(f"unknown model kind {kind!r}; this version trains: {', '.join(KINDS)}")
 
 
-def glide_kind(config) -> ModelKind:
-    """GLIDE base / inpaint / upsampler on a tfds dataset (config.data), captions tokenised."""
+def source_captions(source, count: int) -> list[str]:
+    """The first `count` captions of a data source (bytes or str records), as str."""
+    records = (source[i]["caption"] for i in range(min(len(source), count)))
+    return [str(c, "utf-8") if isinstance(c, bytes) else str(c) for c in records]
+
+
+def save_run_tokenizer(tokenizer, folder: pathlib.Path) -> None:
+    """tokenizer.save into a run's `folder`, written beside and then renamed (process 0 only):
+    another process, or a resume, that finds the folder finds it whole."""
+    import jax
+
+    if jax.process_index() == 0:
+        partial = folder.with_name(f"{folder.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        tokenizer.save(partial)
+        os.replace(partial, folder)
+
+
+def glide_tokenizer_for_run(config, workdir=None):
+    """The tokenizer of a GLIDE run, by data.tokenizer: "bytes", or "gpt2_bpe" read from the
+    run's tokenizer/ (a converted GLIDE run carries GPT-2's there, and so may a user), else from
+    the tokenizer/ of ckpt.init_from (copied into the run), else learned: a GPT-2-style BPE on the
+    first data.bpe_captions captions of the source (tokenizers.train_gpt2_bpe, at most
+    model.text.vocab_size ids), kept in tokenizer/ for resumes and sampling. Errors if its ids do
+    not fit the model's vocabulary or collide with model.text.pad_id."""
+    from unclip_jax.data import shapes_builder
+    from unclip_jax.tokenizers import ByteTokenizer, Gpt2BpeTokenizer, train_gpt2_bpe
+
+    text, name = config.model.text, config.data.tokenizer
+    if name == "bytes":
+        tokenizer = ByteTokenizer()
+    elif name == "gpt2_bpe":
+        if workdir is None:
+            raise ValueError("a GLIDE run with data.tokenizer 'gpt2_bpe' keeps its tokenizer in "
+                             "its workdir: pass workdir")  # fmt: skip
+        folder = pathlib.Path(workdir) / "tokenizer"
+        init_from = config.get("ckpt", {}).get("init_from")
+        inherited = pathlib.Path(init_from) / "tokenizer" if init_from else None
+        if folder.is_dir():
+            tokenizer = Gpt2BpeTokenizer.from_folder(folder)
+        elif inherited is not None and inherited.is_dir():  # fine-tuning a converted run
+            tokenizer = Gpt2BpeTokenizer.from_folder(inherited)
+            save_run_tokenizer(tokenizer, folder)
+        else:
+            if config.data.name != "shapes":
+                raise ValueError(f"data.name {config.data.name!r}: only 'shapes' is wired up")
+            source = shapes_builder.build_shapes(config.data.dir, config.data.config)
+            captions = source_captions(source.as_data_source(config.data.split),
+                                       config.data.get("bpe_captions", 5000))  # fmt: skip
+            tokenizer = train_gpt2_bpe(captions, text.vocab_size)
+            save_run_tokenizer(tokenizer, folder)
+            log.info("trained a %d-id GPT-2-style BPE on %d captions (no tokenizer/ in %s)",
+                     tokenizer.vocab_size, len(captions), workdir)  # fmt: skip
+    else:
+        raise ValueError(f"unknown GLIDE tokenizer {name!r}: 'bytes' or 'gpt2_bpe'")
+    if tokenizer.vocab_size > text.vocab_size:
+        raise ValueError(f"the {name} tokenizer has {tokenizer.vocab_size} ids; the text "
+                         f"transformer's vocab_size is {text.vocab_size}")  # fmt: skip
+    if text.pad_id < tokenizer.vocab_size - 1 or text.pad_id >= text.vocab_size:
+        raise ValueError(f"model.text.pad_id {text.pad_id} must be the tokenizer's last id "
+                         f"({tokenizer.vocab_size - 1}) or an id above it below vocab_size "
+                         f"{text.vocab_size}")  # fmt: skip
+    return tokenizer
+
+
+def glide_kind(config, workdir=None) -> ModelKind:
+    """GLIDE base / inpaint / upsampler on a tfds dataset (config.data), captions tokenised
+    (glide_tokenizer_for_run)."""
     import functools
 
     import jax.numpy as jnp
@@ -64,19 +136,12 @@ def glide_kind(config) -> ModelKind:
     from unclip_jax import diffusion
     from unclip_jax.data import loader, shapes_builder
     from unclip_jax.models.glide import glide_from_config
-    from unclip_jax.tokenizers import ByteTokenizer
     from unclip_jax.train.glide import glide_loss
 
     model = glide_from_config(config.model, dtype=jnp.dtype(config.model.get("dtype", "float32")))
     table = diffusion.diffusion_from_config(config.diffusion)
     text, size = config.model.text, config.model.unet.image_size
-    if config.data.tokenizer != "bytes":
-        raise ValueError(f"data.tokenizer {config.data.tokenizer!r}: only 'bytes' is wired up "
-                         "for training so far")  # fmt: skip
-    tokenizer = ByteTokenizer()
-    if text.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"a byte tokenizer needs vocab_size >= 257, the model has "
-                         f"{text.vocab_size}")  # fmt: skip
+    tokenizer = glide_tokenizer_for_run(config, workdir)
     low = config.model.get("low_res_size")
 
     def init(rng):

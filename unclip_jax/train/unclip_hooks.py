@@ -220,9 +220,10 @@ def _stage(config, model):
     return DiffusionStage(make_model_fn(model), None, config.diffusion, (size, size, 3))
 
 
-def decoder_sample(config, model, folder, source, null_text=None):
+def decoder_sample(config, model, folder, source, null_text=None, tokenizer=None):
     """The decoder's hook: held-out images' CLIP image embeddings (with their captions) decoded
-    with the config's sampler and guidance at train.sample_respacing."""
+    with the config's sampler and guidance at train.sample_respacing (`tokenizer`: the run's
+    GLIDE tokenizer, for a "glide" text pathway)."""
     from unclip_jax.models.decoder import null_cond
 
     stage = _stage(config, model)
@@ -234,9 +235,11 @@ def decoder_sample(config, model, folder, source, null_text=None):
         cond = {"image_emb": np.stack([r["image_emb"] for r in records]).astype(np.float32),
                 "drop_image": np.zeros((len(records),), bool)}  # fmt: skip
         if model.text is not None:  # the paper's GLIDE text pathway
-            from unclip_jax.tokenizers import glide_tokenize, glide_tokenizer_from_config
+            from unclip_jax.tokenizers import glide_tokenize
 
-            tokens, mask = glide_tokenize(glide_tokenizer_from_config(config.data),
+            if tokenizer is None:
+                raise ValueError("a decoder with a 'glide' text pathway needs its tokenizer")
+            tokens, mask = glide_tokenize(tokenizer,
                                           [_caption(r) for r in records], model.text.text_ctx,
                                           config.model.text.pad_id, warn=False)  # fmt: skip
             cond |= {"tokens": tokens, "mask": mask}

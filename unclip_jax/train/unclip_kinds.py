@@ -19,7 +19,6 @@ import functools
 import logging
 import os
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -146,25 +145,17 @@ def clip_kind(config, workdir) -> ModelKind:
 def clip_tokenizer_for_run(config, workdir):
     """The run's BPE (workdir/tokenizer), trained on the source captions the first time."""
     from unclip_jax.tokenizers import ClipTokenizer, train_bpe
+    from unclip_jax.train.kinds import save_run_tokenizer, source_captions
 
     folder = pathlib.Path(workdir) / "tokenizer"
     context = config.model.text.context_length
     if folder.is_dir():
         return ClipTokenizer.from_pretrained(folder, context_length=context)
-    source = _source(config)
-    count = min(len(source), config.data.get("bpe_captions", 5000))
-    captions = [str(source[i]["caption"], "utf-8") if isinstance(source[i]["caption"], bytes)
-                else str(source[i]["caption"]) for i in range(count)]  # fmt: skip
+    captions = source_captions(_source(config), config.data.get("bpe_captions", 5000))
     tokenizer = train_bpe(captions, vocab_size=config.model.text.vocab_size,
                           context_length=context)  # fmt: skip
-    if jax.process_index() == 0:
-        # Written beside, then renamed: another process (or a resume) that finds the folder
-        # finds it whole.
-        partial = folder.with_name(f"{folder.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        tokenizer.save(partial)
-        os.replace(partial, folder)
-    log.info("trained a %d-id BPE on %d captions", tokenizer.vocab_size, count)
+    save_run_tokenizer(tokenizer, folder)
+    log.info("trained a %d-id BPE on %d captions", tokenizer.vocab_size, len(captions))
     return tokenizer
 
 
@@ -265,16 +256,19 @@ def ar_prior_kind(config, workdir) -> ModelKind:
     return ModelKind(init=init, loss_fn=loss_fn, data=data, sample=sample)
 
 
-def decoder_kind(config) -> ModelKind:
-    """The decoder on (source image, its CLIP embeddings); drops as the config says."""
+def decoder_kind(config, workdir=None) -> ModelKind:
+    """The decoder on (source image, its CLIP embeddings); drops as the config says. A "glide"
+    text pathway reads captions through the run's tokenizer (kinds.glide_tokenizer_for_run)."""
     from unclip_jax.data.embeddings import load_null_text
     from unclip_jax.models.decoder import decoder_from_config, init_params
-    from unclip_jax.tokenizers import glide_tokenize, glide_tokenizer_from_config
+    from unclip_jax.tokenizers import glide_tokenize
+    from unclip_jax.train.kinds import glide_tokenizer_for_run
     from unclip_jax.train.unclip import loss_fn_from_config
 
     model = decoder_from_config(config.model, dtype=_dtype(config))
     folder = _embeddings_dir(config)
     glide = model.text is not None
+    tokenizer = glide_tokenizer_for_run(config, workdir) if glide else None
     null_text = None
     if not glide:
         null = load_null_text(folder)
@@ -287,7 +281,6 @@ def decoder_kind(config) -> ModelKind:
         keys += ["caption"] if glide else ["text_emb", "text_tokens", "text_mask"]
         tokenize = None
         if glide:
-            tokenizer = glide_tokenizer_from_config(config.data)
 
             def tokenize(batch):
                 tokens, mask = glide_tokenize(tokenizer, [str(c) for c in batch.pop("caption")],
@@ -302,7 +295,7 @@ def decoder_kind(config) -> ModelKind:
         return init_params(model, rng, text_ctx=text_ctx)
 
     sample = unclip_hooks.decoder_sample(config, model, folder, functools.partial(_source, config),
-                                         null_text=null_text)  # fmt: skip
+                                         null_text=null_text, tokenizer=tokenizer)  # fmt: skip
     return ModelKind(init=init, loss_fn=loss_fn_from_config(config, model, null_text=null_text),
                      data=data, sample=sample)  # fmt: skip
 
