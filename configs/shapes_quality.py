@@ -12,7 +12,8 @@ train step, 2.1 s per step at batch 32), so it is a *reduced* recipe, not the on
   batch 128 each;
 - decoder and GLIDE base: the tiny UNet (32 channels) with a third level, channel_mult (1, 2, 2)
   and attention at 8 px (the same step time as the demo's two levels), 1000 steps at batch 32
-  (32k examples, ten times the demo's); GLIDE's byte-level text transformer 64 wide;
+  (32k examples, ten times the demo's); GLIDE's text transformer 64 wide, over a BPE learned
+  on the captions (shapes_demo.GLIDE_BPE);
 - upsampler 32 -> 64: 300 steps at batch 16;
 - the decoder, upsampler and GLIDE predict v rather than the papers' eps (shapes_demo.VELOCITY
   says why, with the numbers);
@@ -23,7 +24,7 @@ The run resumes stage by stage (and within a stage from its last quarter) after 
 """
 
 import ml_collections
-from shapes_demo import GLIDE_32PX, VELOCITY, stage
+from shapes_demo import GLIDE_32PX, GLIDE_BPE, VELOCITY, stage
 from shapes_demo import get_config as demo_config
 
 UNET = ("model.unet.channel_mult=(1, 2, 2)", "model.unet.attention_resolutions='8'")
@@ -44,7 +45,7 @@ def get_config(arg=None):
     s.decoder = stage("decoder64:tiny", 1000, 32, 1e-3, *UNET, *VELOCITY, EMA)
     s.upsampler = stage("upsample256:tiny", 300, 16, 1e-3, "model.low_res_size=32",
                         "train.crop_fraction=0.5", *VELOCITY, EMA)  # fmt: skip
-    s.glide = stage("glide_base64:tiny", 1000, 32, 1e-3, *GLIDE_32PX, *UNET, *VELOCITY,
+    s.glide = stage("glide_base64:tiny", 1000, 32, 1e-3, *GLIDE_32PX, *GLIDE_BPE, *UNET, *VELOCITY,
                     "model.text.width=64", EMA)  # fmt: skip
     c.embed_batch_size = 512
 
