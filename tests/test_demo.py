@@ -61,7 +61,7 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
         result = stages["split_eval"][split]
         # The first captions' ground-truth renders at 32 px read exactly (the detector's ceiling).
         assert result["ground_truth_32px"]["caption"] == 1.0
-        for pipe in ("unclip", "glide"):
+        for pipe in shapes.SPLIT_EVAL_PIPES:
             assert result[pipe]["n"] == e.captions and 0.0 <= result[pipe]["caption"] <= 1.0
             record = json.loads((out / "split_eval" / split / pipe / "record.json").read_text())
             assert record["captions"][0] == shapes_data.render_example(split, 0).caption

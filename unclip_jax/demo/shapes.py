@@ -15,8 +15,9 @@
                samples, the seen and the held-out compositions
     ablation   guidance scale x prior type (eval.ablate.run_ablation)     -> ablation/
     split_eval caption faithfulness on the first captions of the `validation` and
-               `test_compositional` splits, both pipelines at 32 px, beside the detector's own
-               score on the ground-truth renders at 32 px (the ceiling)   -> split_eval/
+               `test_compositional` splits at 32 px: both pipelines, and the decoder from
+               each caption's own image embedding (the prior's ceiling), beside the
+               detector's own score on the ground-truth renders at 32 px  -> split_eval/
 
 Reuse. A training stage whose run folder holds its final step is skipped; one with an earlier
 checkpoint resumes (the shared loop's own resume). The run's config is recorded beside it
@@ -386,14 +387,21 @@ def ablation_stage(demo: Demo, pipes: Pipelines) -> None:
         record["rows"] = len(result["rows"])
 
 
+# What split_eval samples: unCLIP (prior -> decoder), the decoder alone from each caption's own
+# image (its CLIP image embedding, as `data embed` computes them for training: the ceiling a
+# perfect prior would reach, which tells a weak prior from a weak decoder), and GLIDE.
+SPLIT_EVAL_PIPES = ("unclip", "unclip_image_emb", "glide")
+
+
 def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
     """Faithfulness on the splits' own captions (`shapes.render_example`, index 0 upward): every
-    caption sampled once by unCLIP and once by GLIDE at the demo's sample settings, in chunks of
+    caption sampled once by each of SPLIT_EVAL_PIPES at the demo's sample settings, in chunks of
     `batch` (one compiled sampler per pipeline), read at 32 px without the upsampler; and the
     ground-truth renders area-downsampled to 32 px, read the same way."""
     import jax
 
     from unclip_jax.data import shapes
+    from unclip_jax.data.embeddings import clip_images
     from unclip_jax.eval.faithfulness import evaluate_shapes
     from unclip_jax.imaging import area_downsample
     from unclip_jax.pipelines.outputs import save_samples
@@ -403,7 +411,8 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
         raise ValueError(f"split_eval.captions ({e.captions}) must be a multiple of "
                          f"split_eval.batch ({e.batch})")  # fmt: skip
     steps = {name: model["step"] for name, model in trained_models(demo).items()}
-    settings = [_to_plain(e), s.prior, s.prior_guidance, s.decoder_guidance, s.glide_guidance]
+    settings = [_to_plain(e), s.prior, s.prior_guidance, s.decoder_guidance, s.glide_guidance,
+                SPLIT_EVAL_PIPES]  # fmt: skip
     fingerprint = stage_fingerprint(demo, settings)
     out = demo.out / "split_eval"
     with demo.stage("split_eval", out) as record:
@@ -417,26 +426,33 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
             truth = area_downsample(truth, 32)
             truth_score = evaluate_shapes(truth, captions, value_range=(0, 255))
             result = {"ground_truth_32px": _to_plain(truth_score)}
-            for pipe in ("unclip", "glide"):
+            for pipe in SPLIT_EVAL_PIPES:
                 start, chunks = time.perf_counter(), []
                 for c in range(0, e.captions, e.batch):
                     key = jax.random.fold_in(rng, 1000 * split_index + c)
                     chunk = captions[c : c + e.batch]
                     if pipe == "unclip":
-                        r = pipes.unclip(chunk, key, prior=s.prior, upsample=False,
-                                         prior_guidance=s.prior_guidance,
-                                         decoder_guidance=s.decoder_guidance,
-                                         decoder_respacing=str(e.steps))  # fmt: skip
+                        images = pipes.unclip(chunk, key, prior=s.prior, upsample=False,
+                                              prior_guidance=s.prior_guidance,
+                                              decoder_guidance=s.decoder_guidance,
+                                              decoder_respacing=str(e.steps))["images"]  # fmt: skip
+                    elif pipe == "unclip_image_emb":
+                        clip = pipes.unclip.clip
+                        own = [{"image": ex.image} for ex in examples[c : c + e.batch]]
+                        pixels = clip_images(own, clip.image_model.vision.image_size)
+                        images = pipes.unclip.decode(clip.images(pixels), key, prompts=chunk,
+                                                     guidance_scale=s.decoder_guidance,
+                                                     respacing=str(e.steps))  # fmt: skip
                     else:
-                        r = pipes.glide(chunk, key, guidance_scale=s.glide_guidance,
-                                        base_respacing=str(e.steps))  # fmt: skip
-                    chunks.append(np.asarray(jax.device_get(r["images"])))
+                        images = pipes.glide(chunk, key, guidance_scale=s.glide_guidance,
+                                             base_respacing=str(e.steps))["images"]  # fmt: skip
+                    chunks.append(np.asarray(jax.device_get(images)))
                 images = np.concatenate(chunks)
                 seconds = time.perf_counter() - start
                 paths = save_samples(out / split / pipe, images, dict(
                     pipeline=pipe, split=split, captions=captions, steps=e.steps,
                     prior=s.prior if pipe == "unclip" else None,
-                    guidance=s.decoder_guidance if pipe == "unclip" else s.glide_guidance,
+                    guidance=s.glide_guidance if pipe == "glide" else s.decoder_guidance,
                     seed=demo.config.seed, model_steps=steps, seconds=seconds), ncol=8)  # fmt: skip
                 result[pipe] = _to_plain(evaluate_shapes(images, captions))
                 result[pipe].update(grid=paths["grid"], seconds=round(seconds, 2))
@@ -506,7 +522,7 @@ def format_report(report: dict) -> list[str]:
         r = split_eval.get(split)
         if r:
             lines.append(f"{split} captions, faithful (caption / colour / shape / relation):")
-            for name in ("unclip", "glide", "ground_truth_32px"):
+            for name in (*SPLIT_EVAL_PIPES, "ground_truth_32px"):
                 f = r.get(name, {})
                 attrs = ("caption", "color", "shape", "relation")
                 numbers = " / ".join(_fmt(f.get(a)) for a in attrs)
