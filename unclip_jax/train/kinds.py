@@ -86,7 +86,6 @@ def glide_tokenizer_for_run(config, workdir=None):
     first data.bpe_captions captions of the source (tokenizers.train_gpt2_bpe, at most
     model.text.vocab_size ids), kept in tokenizer/ for resumes and sampling. Errors if its ids do
     not fit the model's vocabulary or collide with model.text.pad_id."""
-    from unclip_jax.data import shapes_builder
     from unclip_jax.tokenizers import ByteTokenizer, Gpt2BpeTokenizer, train_gpt2_bpe
 
     text, name = config.model.text, config.data.tokenizer
@@ -105,11 +104,9 @@ def glide_tokenizer_for_run(config, workdir=None):
             tokenizer = Gpt2BpeTokenizer.from_folder(inherited)
             save_run_tokenizer(tokenizer, folder)
         else:
-            if config.data.name != "shapes":
-                raise ValueError(f"data.name {config.data.name!r}: only 'shapes' is wired up")
-            source = shapes_builder.build_shapes(config.data.dir, config.data.config)
-            captions = source_captions(source.as_data_source(config.data.split),
-                                       config.data.get("bpe_captions", 5000))  # fmt: skip
+            from unclip_jax.train.unclip_kinds import _source  # the run's source split
+
+            captions = source_captions(_source(config), config.data.get("bpe_captions", 5000))
             tokenizer = train_gpt2_bpe(captions, text.vocab_size)
             save_run_tokenizer(tokenizer, folder)
             log.info("trained a %d-id GPT-2-style BPE on %d captions (no tokenizer/ in %s)",
