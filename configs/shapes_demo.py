@@ -113,6 +113,8 @@ def get_config(arg=None):
     e.captions = 64  # per split: the first `captions` examples, sampled once each per pipeline
     e.batch = 32
     e.steps = 25
+    e.priors = ("diffusion", "ar")  # one unCLIP row per prior: the paper's prior comparison
+    e.zero_shot = 256  # one-object images per split for CLIP's zero-shot colour and shape
 
     if mini:
         tiny_data = ("optim.warmup_steps=1",)
@@ -135,4 +137,5 @@ def get_config(arg=None):
         a.decoder_steps = a.glide_steps = 2
         e.enabled = True
         e.captions, e.batch, e.steps = 4, 2, 2  # batch 2 as in the sample stage
+        e.zero_shot = 8
     return c

@@ -54,6 +54,7 @@ def get_config(arg=None):
     # Sampling as in the demo (4 per prompt, 25 steps): the measurement is split_eval's.
     a = c.ablation
     a.decoder_scales = a.glide_scales = (1.0, 3.0, 5.0)
+    a.prior_scales = (1.0, 3.0)  # prior guidance too (the unCLIP paper guides its priors)
     a.samples_per_prompt = 4
     a.decoder_steps = a.glide_steps = 25
 

@@ -61,14 +61,18 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
         result = stages["split_eval"][split]
         # The first captions' ground-truth renders at 32 px read exactly (the detector's ceiling).
         assert result["ground_truth_32px"]["caption"] == 1.0
-        for pipe in shapes.SPLIT_EVAL_PIPES:
+        zero_shot = result["clip_zero_shot"]
+        assert zero_shot["n"] == e.zero_shot
+        assert all(0.0 <= zero_shot[k] <= 1.0 for k in ("color", "shape", "both"))
+        assert zero_shot["both"] <= min(zero_shot["color"], zero_shot["shape"])
+        for pipe in shapes.split_eval_pipes(e):
             assert result[pipe]["n"] == e.captions and 0.0 <= result[pipe]["caption"] <= 1.0
             record = json.loads((out / "split_eval" / split / pipe / "record.json").read_text())
             assert record["captions"][0] == shapes_data.render_example(split, 0).caption
             assert len(record["images"]) == e.captions and _png(record["images"][0]) == (32, 32)
     table = "\n".join(shapes.format_report(report))
     assert "seen / held-out" in table and "total" in table
-    assert "test_compositional captions" in table
+    assert "test_compositional captions" in table and "CLIP zero-shot" in table
 
     # A second run trains nothing and reuses the samples and the ablation.
     again = shapes.run(config, out)["stages"]

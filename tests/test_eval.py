@@ -249,6 +249,16 @@ def _tiny_clip():
     return model, jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_params(model)))
 
 
+def test_zero_shot_predictions():
+    rng = np.random.default_rng(0)
+    classes = rng.normal(size=(5, 8))
+    images = 2.0 * classes[[3, 0, 4, 4]] + 0.01 * rng.normal(size=(4, 8))  # scale is ignored
+    np.testing.assert_array_equal(cm.zero_shot_predictions(images, classes), [3, 0, 4, 4])
+    np.testing.assert_array_equal(cm.zero_shot_predictions(-classes[:1], classes[:1]), [0])
+    with pytest.raises(ValueError, match="class prompts"):
+        cm.zero_shot_predictions(images, classes[:, :4])
+
+
 def test_clip_metrics_through_a_tiny_clip():
     model, params = _tiny_clip()
     rng = np.random.default_rng(1)

@@ -15,9 +15,12 @@
                samples, the seen and the held-out compositions
     ablation   guidance scale x prior type (eval.ablate.run_ablation)     -> ablation/
     split_eval caption faithfulness on the first captions of the `validation` and
-               `test_compositional` splits at 32 px: both pipelines, and the decoder from
-               each caption's own image embedding (the prior's ceiling), beside the
-               detector's own score on the ground-truth renders at 32 px  -> split_eval/
+               `test_compositional` splits at 32 px: unCLIP with each prior, GLIDE, and the
+               decoder from each caption's own image embedding (the priors' ceiling), beside the
+               detector's own score on the ground-truth renders at 32 px, and CLIP's
+               zero-shot colour and shape on one-object images (does CLIP itself tell
+               a held-out pair's shape?)
+                                                                          -> split_eval/
 
 Reuse. A training stage whose run folder holds its final step is skipped; one with an earlier
 checkpoint resumes (the shared loop's own resume). The run's config is recorded beside it
@@ -387,15 +390,56 @@ def ablation_stage(demo: Demo, pipes: Pipelines) -> None:
         record["rows"] = len(result["rows"])
 
 
-# What split_eval samples: unCLIP (prior -> decoder), the decoder alone from each caption's own
-# image (its CLIP image embedding, as `data embed` computes them for training: the ceiling a
-# perfect prior would reach, which tells a weak prior from a weak decoder), and GLIDE.
-SPLIT_EVAL_PIPES = ("unclip", "unclip_image_emb", "glide")
+# What split_eval samples: unCLIP (prior -> decoder) with each prior of split_eval.priors, the
+# decoder alone from each caption's own image (its CLIP image embedding, as `data embed` computes
+# them for training: the ceiling a perfect prior would reach, which tells a weak prior from a weak
+# decoder), and GLIDE.
+PIPE_PRIOR = {"unclip_diffusion": "diffusion", "unclip_ar": "ar"}
+
+
+def split_eval_pipes(e) -> tuple[str, ...]:
+    """split_eval's rows: unCLIP with each prior of `e.priors` (`unclip_diffusion`, `unclip_ar`),
+    the decoder from each caption's own image embedding (`unclip_image_emb`, the priors' ceiling)
+    and GLIDE."""
+    unclip = tuple(f"unclip_{p}" for p in e.priors)
+    if not unclip or any(u not in PIPE_PRIOR for u in unclip) or len(set(unclip)) < len(unclip):
+        raise ValueError(f"split_eval.priors must name 'diffusion' and/or 'ar', not {e.priors!r}")
+    return (*unclip, "unclip_image_emb", "glide")
+
+
+def clip_zero_shot(clip, split: str, count: int) -> dict:
+    """CLIP's zero-shot colour and shape on the first `count` one-object images of `split`: each
+    image's class is the nearest of the 18 prompts "a {color} {shape}". On `test_compositional`
+    every one-object image shows a held-out pair, so a CLIP that learned shape apart from colour
+    scores as well there as on `validation`, and one that learned only the seen pairs scores about
+    chance (1/3) on shape: then unCLIP's held-out failures start in CLIP, not in the prior or the
+    decoder."""
+    from unclip_jax.data import shapes
+    from unclip_jax.data.embeddings import clip_images
+    from unclip_jax.eval.clip_metrics import zero_shot_predictions
+
+    combos = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
+    examples, index = [], 0
+    while len(examples) < count:
+        if index >= 100 * count:
+            raise ValueError(f"fewer than {count} one-object images in {index} of {split}")
+        example = shapes.render_example(split, index)
+        index += 1
+        if len(example.objects) == 1:
+            examples.append(example)
+    text = clip.text([f"a {c} {s}" for c, s in combos])["text_emb"]
+    size = clip.image_model.vision.image_size
+    pixels = clip_images([{"image": ex.image} for ex in examples], size)
+    predicted = np.asarray([combos[i] for i in zero_shot_predictions(clip.images(pixels), text)])
+    truth = np.asarray([(ex.objects[0].color, ex.objects[0].shape) for ex in examples])
+    hit = predicted == truth  # [count, (colour, shape)]
+    return {"n": count, "color": float(hit[:, 0].mean()), "shape": float(hit[:, 1].mean()),
+            "both": float(hit.all(-1).mean())}  # fmt: skip
 
 
 def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
     """Faithfulness on the splits' own captions (`shapes.render_example`, index 0 upward): every
-    caption sampled once by each of SPLIT_EVAL_PIPES at the demo's sample settings, in chunks of
+    caption sampled once by each of split_eval_pipes at the demo's sample settings, in chunks of
     `batch` (one compiled sampler per pipeline), read at 32 px without the upsampler; and the
     ground-truth renders area-downsampled to 32 px, read the same way."""
     import jax
@@ -411,8 +455,8 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
         raise ValueError(f"split_eval.captions ({e.captions}) must be a multiple of "
                          f"split_eval.batch ({e.batch})")  # fmt: skip
     steps = {name: model["step"] for name, model in trained_models(demo).items()}
-    settings = [_to_plain(e), s.prior, s.prior_guidance, s.decoder_guidance, s.glide_guidance,
-                SPLIT_EVAL_PIPES]  # fmt: skip
+    pipe_names = split_eval_pipes(e)
+    settings = [_to_plain(e), s.prior_guidance, s.decoder_guidance, s.glide_guidance, pipe_names]
     fingerprint = stage_fingerprint(demo, settings)
     out = demo.out / "split_eval"
     with demo.stage("split_eval", out) as record:
@@ -425,14 +469,17 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
             truth = np.stack([ex.image for ex in examples]).astype(np.float32)
             truth = area_downsample(truth, 32)
             truth_score = evaluate_shapes(truth, captions, value_range=(0, 255))
-            result = {"ground_truth_32px": _to_plain(truth_score)}
-            for pipe in SPLIT_EVAL_PIPES:
+            result = {
+                "ground_truth_32px": _to_plain(truth_score),
+                "clip_zero_shot": clip_zero_shot(pipes.unclip.clip, split, e.zero_shot),
+            }
+            for pipe in pipe_names:
                 start, chunks = time.perf_counter(), []
                 for c in range(0, e.captions, e.batch):
                     key = jax.random.fold_in(rng, 1000 * split_index + c)
                     chunk = captions[c : c + e.batch]
-                    if pipe == "unclip":
-                        images = pipes.unclip(chunk, key, prior=s.prior, upsample=False,
+                    if pipe in PIPE_PRIOR:
+                        images = pipes.unclip(chunk, key, prior=PIPE_PRIOR[pipe], upsample=False,
                                               prior_guidance=s.prior_guidance,
                                               decoder_guidance=s.decoder_guidance,
                                               decoder_respacing=str(e.steps))["images"]  # fmt: skip
@@ -451,7 +498,7 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
                 seconds = time.perf_counter() - start
                 paths = save_samples(out / split / pipe, images, dict(
                     pipeline=pipe, split=split, captions=captions, steps=e.steps,
-                    prior=s.prior if pipe == "unclip" else None,
+                    prior=PIPE_PRIOR.get(pipe),
                     guidance=s.glide_guidance if pipe == "glide" else s.decoder_guidance,
                     seed=demo.config.seed, model_steps=steps, seconds=seconds), ncol=8)  # fmt: skip
                 result[pipe] = _to_plain(evaluate_shapes(images, captions))
@@ -522,13 +569,19 @@ def format_report(report: dict) -> list[str]:
         r = split_eval.get(split)
         if r:
             lines.append(f"{split} captions, faithful (caption / colour / shape / relation):")
-            for name in (*SPLIT_EVAL_PIPES, "ground_truth_32px"):
-                f = r.get(name, {})
+            pipes = [k for k in r if k not in ("ground_truth_32px", "clip_zero_shot")]
+            for name in (*pipes, "ground_truth_32px"):
+                f = r[name]
                 attrs = ("caption", "color", "shape", "relation")
                 numbers = " / ".join(_fmt(f.get(a)) for a in attrs)
                 tint = _fmt(f.get("background_error"))
                 lines.append(f"  {name:<18}{numbers}  background off by {tint}/255  "
                              f"(n={f.get('n')})")  # fmt: skip
+            z = r.get("clip_zero_shot")
+            if z:
+                lines.append(f"  CLIP zero-shot on one-object images (colour / shape / both): "
+                             f"{_fmt(z['color'])} / {_fmt(z['shape'])} / {_fmt(z['both'])} "
+                             f"(n={z['n']})")  # fmt: skip
     if report.get("interrupted"):
         lines.append(f"interrupted: {report['interrupted']}")
     ablation = report["stages"].get("ablation", {})

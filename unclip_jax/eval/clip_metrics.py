@@ -13,6 +13,8 @@
   tr (S_a S_b)^(1/2) = sum_i sqrt(lambda_i(M)), with tiny negative eigenvalues (round-off) clipped
   to 0. It is exact for singular covariances (fewer samples than dimensions), where sqrtm of the
   non-symmetric product is ill-conditioned. "auto" uses scipy when it imports, else eigh.
+- Zero-shot classification: each image's class is the class prompt with the most similar CLIP
+  text embedding (CLIP's zero-shot protocol, one prompt per class).
 - Diversity: mean pairwise cosine distance (1 - cos) of the L2-normalised CLIP image embeddings of
   the samples of one prompt, averaged over prompts (each prompt counts once).
 
@@ -139,6 +141,19 @@ def clip_score_from_embeddings(image_embeds, text_embeds, *, clamp: bool = True)
     b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
     scores = 100.0 * (a * b).sum(-1)
     return np.maximum(scores, 0.0) if clamp else scores
+
+
+def zero_shot_predictions(image_embeds, class_text_embeds) -> np.ndarray:
+    """CLIP zero-shot classification: for each image [N, E], the index of the class prompt
+    [C, E] with the highest cosine similarity (ties go to the lower index)."""
+    a = np.asarray(image_embeds, np.float64)
+    b = np.asarray(class_text_embeds, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
+        raise ValueError(f"need non-empty [N, E] images and [C, E] class prompts, got {a.shape}, "
+                         f"{b.shape}")  # fmt: skip
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return (a @ b.T).argmax(-1)
 
 
 def clip_scores(
