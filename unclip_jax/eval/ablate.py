@@ -18,7 +18,6 @@ import math
 import pathlib
 import time
 
-import jax
 import numpy as np
 
 from unclip_jax.eval.report import FAITHFULNESS_KEYS, json_safe, plot_ablation, summarize
@@ -89,6 +88,8 @@ def _pad(values: list, size: int) -> list:
 
 def _sample_group(pipe_kind, pipe, rows, prompts, *, batch, rng, unclip_kwargs, glide_kwargs):
     """Images [len(rows), H, W, 3] (host) for rows [(setting, prompt_index)] of one prior type."""
+    import jax
+
     images, seconds = [], []
     for i, (start, stop) in enumerate(_chunks(len(rows), batch)):
         chunk = _pad(rows[start:stop], batch)
@@ -203,6 +204,8 @@ def run_ablation(*, prompts: list[str], out_dir, unclip=None, glide=None,
     unclip_kwargs = dict(decoder_respacing=decoder_respacing, decoder_sampler=decoder_sampler,
                          upsample=upsample)  # fmt: skip
     glide_kwargs = {} if glide_respacing is None else {"base_respacing": str(glide_respacing)}
+    import jax  # here, not at the top: `unclip-jax --help` builds this module's parser without JAX
+
     rng = jax.random.key(seed)
     images_of, timings = {}, {}
     for name, rows in groups.items():
