@@ -412,8 +412,8 @@ def clip_zero_shot(clip, split: str, count: int) -> dict:
     image's class is the nearest of the 18 prompts "a {color} {shape}". On `test_compositional`
     every one-object image shows a held-out pair, so a CLIP that learned shape apart from colour
     scores as well there as on `validation`, and one that learned only the seen pairs scores about
-    chance (1/3) on shape: then unCLIP's held-out failures start in CLIP, not in the prior or the
-    decoder."""
+    chance (1/3) on shape: then unCLIP's held-out failures start in CLIP, before the prior and
+    the decoder (which may still recover some of the shape from the image embedding)."""
     from unclip_jax.data import shapes
     from unclip_jax.data.embeddings import clip_images
     from unclip_jax.eval.clip_metrics import zero_shot_predictions
