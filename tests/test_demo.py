@@ -5,7 +5,9 @@ the ablation table and plots); then a second run reuses every trained model and 
 import csv
 import json
 import pathlib
+import types
 
+import numpy as np
 from PIL import Image
 
 from unclip_jax import config_utils
@@ -119,3 +121,35 @@ def test_demo_stops_when_a_stage_is_preempted(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved["interrupted"] == report["interrupted"]
     assert any(line.startswith("interrupted: clip") for line in shapes.format_report(report))
+
+
+class _ColourOnlyClip:
+    """A stand-in CLIP that reads each image's colour exactly and always answers "circle"."""
+
+    combos = [(c, s) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
+    image_model = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=64))
+
+    def text(self, prompts):
+        assert prompts == [f"a {c} {s}" for c, s in self.combos]
+        return {"text_emb": np.eye(len(self.combos))}
+
+    def images(self, pixels):
+        rgb = (np.asarray(pixels) + 1.0) * 127.5
+        palette = np.asarray(list(shapes_data.COLORS.values()), np.float64)
+        out = np.zeros((len(rgb), len(self.combos)))
+        for i, image in enumerate(rgb):
+            ink = image[np.abs(image - shapes_data.BACKGROUND).sum(-1) > 60]
+            colour = list(shapes_data.COLORS)[np.linalg.norm(palette - np.median(ink, 0), axis=-1)
+                                              .argmin()]  # fmt: skip
+            out[i, self.combos.index((colour, "circle"))] = 1.0
+        return out
+
+
+def test_clip_zero_shot_scores_colour_and_shape_apart():
+    count = 24
+    examples = [e for e in (shapes_data.render_example("test_compositional", i) for i in range(200))
+                if len(e.objects) == 1][:count]  # fmt: skip
+    circles = np.mean([e.objects[0].shape == "circle" for e in examples])
+    assert 0.0 < circles < 1.0
+    result = shapes.clip_zero_shot(_ColourOnlyClip(), "test_compositional", count)
+    assert result == {"n": count, "color": 1.0, "shape": circles, "both": circles}

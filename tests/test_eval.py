@@ -254,7 +254,9 @@ def test_zero_shot_predictions():
     classes = rng.normal(size=(5, 8))
     images = 2.0 * classes[[3, 0, 4, 4]] + 0.01 * rng.normal(size=(4, 8))  # scale is ignored
     np.testing.assert_array_equal(cm.zero_shot_predictions(images, classes), [3, 0, 4, 4])
-    np.testing.assert_array_equal(cm.zero_shot_predictions(-classes[:1], classes[:1]), [0])
+    # An image equally close to two prompts goes to the lower index.
+    tie = cm.zero_shot_predictions(np.ones((1, 2)), np.array([[0.0, 1.0], [1.0, 0.0], [-1.0, 0]]))
+    np.testing.assert_array_equal(tie, [0])
     with pytest.raises(ValueError, match="class prompts"):
         cm.zero_shot_predictions(images, classes[:, :4])
 

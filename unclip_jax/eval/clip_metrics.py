@@ -128,6 +128,11 @@ def _default_eot(model: CLIP, input_ids: np.ndarray) -> np.ndarray:
 # CLIP score.
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows of x scaled to unit L2 norm (zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def clip_score_from_embeddings(image_embeds, text_embeds, *, clamp: bool = True) -> np.ndarray:
     """Per-pair CLIP scores [N] = 100 cos(image_embeds[i], text_embeds[i]) (clamped at 0).
 
@@ -137,9 +142,7 @@ def clip_score_from_embeddings(image_embeds, text_embeds, *, clamp: bool = True)
     b = np.asarray(text_embeds, np.float64)
     if a.ndim != 2 or a.shape != b.shape or len(a) == 0:
         raise ValueError(f"need two non-empty [N, E] arrays of one shape, got {a.shape}, {b.shape}")
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    scores = 100.0 * (a * b).sum(-1)
+    scores = 100.0 * (_unit(a) * _unit(b)).sum(-1)
     return np.maximum(scores, 0.0) if clamp else scores
 
 
@@ -151,9 +154,7 @@ def zero_shot_predictions(image_embeds, class_text_embeds) -> np.ndarray:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
         raise ValueError(f"need non-empty [N, E] images and [C, E] class prompts, got {a.shape}, "
                          f"{b.shape}")  # fmt: skip
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    return (a @ b.T).argmax(-1)
+    return (_unit(a) @ _unit(b).T).argmax(-1)
 
 
 def clip_scores(
@@ -296,7 +297,7 @@ def pairwise_cosine_distance(embeddings) -> float:
     x = np.asarray(embeddings, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need embeddings [N, E] with N >= 2, got shape {x.shape}")
-    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    x = _unit(x)
     cos = x @ x.T
     n = len(x)
     off_diagonal = (cos.sum() - np.trace(cos)) / (n * (n - 1))

@@ -61,6 +61,16 @@ def get_kind(config, workdir=None) -> ModelKind:
     raise ValueError(f"unknown model kind {kind!r}; this version trains: {', '.join(KINDS)}")
 
 
+def shapes_source(config, split: str | None = None):
+    """The run's image-text data source of `split` (default: config.data.split)."""
+    from unclip_jax.data import shapes_builder
+
+    if config.data.name != "shapes":
+        raise ValueError(f"data.name {config.data.name!r}: only 'shapes' is wired up so far")
+    builder = shapes_builder.build_shapes(config.data.dir, config.data.config)
+    return builder.as_data_source(split or config.data.split)
+
+
 def source_captions(source, count: int) -> list[str]:
     """The first `count` captions of a data source (bytes or str records), as str."""
     records = (source[i]["caption"] for i in range(min(len(source), count)))
@@ -104,9 +114,7 @@ def glide_tokenizer_for_run(config, workdir=None):
             tokenizer = Gpt2BpeTokenizer.from_folder(inherited)
             save_run_tokenizer(tokenizer, folder)
         else:
-            from unclip_jax.train.unclip_kinds import _source  # the run's source split
-
-            captions = source_captions(_source(config), config.data.get("bpe_captions", 5000))
+            captions = source_captions(shapes_source(config), config.data.get("bpe_captions", 5000))
             tokenizer = train_gpt2_bpe(captions, text.vocab_size)
             save_run_tokenizer(tokenizer, folder)
             log.info("trained a %d-id GPT-2-style BPE on %d captions (no tokenizer/ in %s)",
@@ -131,7 +139,7 @@ def glide_kind(config, workdir=None) -> ModelKind:
     import jax.numpy as jnp
 
     from unclip_jax import diffusion
-    from unclip_jax.data import loader, shapes_builder
+    from unclip_jax.data import loader
     from unclip_jax.models.glide import glide_from_config
     from unclip_jax.train.glide import glide_loss
 
@@ -155,11 +163,8 @@ def glide_kind(config, workdir=None) -> ModelKind:
                                 low_res_size=low)  # fmt: skip
 
     def batches(split, global_batch, process_index, process_count, **kw):
-        if config.data.name != "shapes":
-            raise ValueError(f"data.name {config.data.name!r}: only 'shapes' is wired up so far")
-        builder = shapes_builder.build_shapes(config.data.dir, config.data.config)
         grain_loader = loader.make_loader(
-            builder.as_data_source(split), global_batch=global_batch, seed=config.seed,
+            shapes_source(config, split), global_batch=global_batch, seed=config.seed,
             image_size=size, process_index=process_index, process_count=process_count, **kw,
         )  # fmt: skip
         return loader.TokenizedBatches(grain_loader, tokenizer, text.text_ctx, text.pad_id)
