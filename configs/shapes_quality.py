@@ -1,5 +1,5 @@
 """The shapes demo's longer recipe: the same stages and model family as configs/shapes_demo.py
-(read it first), trained on the 50k `shapes` split for 5-10x the demo's examples per model, then
+(read it first), trained on the 50k `shapes` split for 5-30x the demo's examples per model, then
 measured on captions of the `validation` and `test_compositional` splits (`split_eval`).
 
     unclip-jax demo --config shapes_quality --out outputs/demo_quality
