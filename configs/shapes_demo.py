@@ -115,6 +115,7 @@ def get_config(arg=None):
     e.steps = 25
     e.priors = ("diffusion", "ar")  # one unCLIP row per prior: the paper's prior comparison
     e.zero_shot = 256  # one-object images per split for CLIP's zero-shot colour and shape
+    e.probe_train = 1024  # one-object train images the colour and shape linear probes fit on
 
     if mini:
         tiny_data = ("optim.warmup_steps=1",)
@@ -138,4 +139,5 @@ def get_config(arg=None):
         e.enabled = True
         e.captions, e.batch, e.steps = 4, 2, 2  # batch 2 as in the sample stage
         e.zero_shot = 8
+        e.probe_train = 32
     return c

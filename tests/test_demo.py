@@ -67,6 +67,9 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
         assert zero_shot["n"] == e.zero_shot
         assert all(0.0 <= zero_shot[k] <= 1.0 for k in ("color", "shape", "both"))
         assert zero_shot["both"] <= min(zero_shot["color"], zero_shot["shape"])
+        probe = result["clip_probe"]
+        assert probe["n"] == e.zero_shot and probe["train_n"] == e.probe_train
+        assert all(0.0 <= probe[k] <= 1.0 for k in ("color", "shape"))
         for pipe in shapes.split_eval_pipes(e):
             assert result[pipe]["n"] == e.captions and 0.0 <= result[pipe]["caption"] <= 1.0
             record = json.loads((out / "split_eval" / split / pipe / "record.json").read_text())
@@ -75,6 +78,7 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
     table = "\n".join(shapes.format_report(report))
     assert "seen / held-out" in table and "total" in table
     assert "test_compositional captions" in table and "CLIP zero-shot" in table
+    assert "CLIP linear probe" in table
 
     # A second run trains nothing and reuses the samples and the ablation.
     again = shapes.run(config, out)["stages"]
@@ -153,3 +157,42 @@ def test_clip_zero_shot_scores_colour_and_shape_apart():
     assert 0.0 < circles < 1.0
     result = shapes.clip_zero_shot(_ColourOnlyClip(), "test_compositional", count)
     assert result == {"n": count, "color": 1.0, "shape": circles, "both": circles}
+
+
+class _LookupClip:
+    """A stand-in CLIP image tower that embeds each known one-object image by `embed(object)`."""
+
+    image_model = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=64))
+
+    def __init__(self, embed, examples):
+        self.embed = embed
+        self.table = {ex.image.tobytes(): ex.objects[0] for ex in examples}
+
+    def images(self, pixels):
+        uint8 = np.round((np.asarray(pixels) + 1.0) * 127.5).astype(np.uint8)
+        return np.stack([self.embed(self.table[image.tobytes()]) for image in uint8])
+
+
+def test_clip_probe_reads_factored_embeddings_and_fails_on_entangled_ones():
+    splits, count, train_count = ("validation", "test_compositional"), 24, 90
+    examples = [ex for split, n in (("train", train_count), *((s, count) for s in splits))
+                for ex in shapes.one_object_examples(split, n)]  # fmt: skip
+    colors, kinds = list(shapes_data.COLORS), list(shapes_data.SHAPES)
+    combos = [(c, k) for c in colors for k in kinds]
+
+    def factored(obj):  # colour and shape in separate coordinates: a held-out pair reads exactly
+        return np.r_[np.eye(len(colors))[colors.index(obj.color)],
+                     np.eye(len(kinds))[kinds.index(obj.shape)]]  # fmt: skip
+
+    def entangled(obj):  # one coordinate per pair: a pair never seen in train has no weight
+        return np.eye(len(combos))[combos.index((obj.color, obj.shape))]
+
+    result = shapes.clip_probe(_LookupClip(factored, examples), splits, count, train_count)
+    for split in splits:
+        assert result[split] == {"n": count, "train_n": train_count, "color": 1.0, "shape": 1.0}
+    result = shapes.clip_probe(_LookupClip(entangled, examples), splits, count, train_count)
+    assert result["validation"]["shape"] == 1.0
+    # Held-out pairs embed on unseen coordinates, so the probe answers one shape for all of them.
+    held_out = shapes.one_object_examples("test_compositional", count)
+    most = max(np.mean([ex.objects[0].shape == k for ex in held_out]) for k in kinds)
+    assert result["test_compositional"]["shape"] <= most < 1.0

@@ -261,6 +261,25 @@ def test_zero_shot_predictions():
         cm.zero_shot_predictions(images, classes[:, :4])
 
 
+def test_linear_probe():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8))
+    labels = rng.integers(0, 3, size=60)
+    train = 3.0 * centres[labels] + 0.1 * rng.normal(size=(60, 8))  # scale is ignored
+    test_labels = np.array([2, 0, 1, 1])
+    test = centres[test_labels] + 0.1 * rng.normal(size=(4, 8))
+    np.testing.assert_array_equal(cm.linear_probe(train, labels, test), test_labels)
+    # The probe follows the labels it is given, not the clusters.
+    swapped = np.array([1, 2, 0])[labels]
+    np.testing.assert_array_equal(cm.linear_probe(train, swapped, test), [0, 1, 2, 2])
+    with pytest.raises(ValueError, match="two classes"):
+        cm.linear_probe(train, np.zeros(60, int), test)
+    with pytest.raises(ValueError, match="integer labels"):
+        cm.linear_probe(train, labels.astype(float), test)
+    with pytest.raises(ValueError, match="embeddings"):
+        cm.linear_probe(train, labels, test[:, :4])
+
+
 def test_clip_metrics_through_a_tiny_clip():
     model, params = _tiny_clip()
     rng = np.random.default_rng(1)

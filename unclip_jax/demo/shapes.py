@@ -407,18 +407,13 @@ def split_eval_pipes(e) -> tuple[str, ...]:
     return (*unclip, "unclip_image_emb", "glide")
 
 
-def clip_zero_shot(clip, split: str, count: int) -> dict:
-    """CLIP's zero-shot colour and shape on the first `count` one-object images of `split`: each
-    image's class is the nearest of the 18 prompts "a {color} {shape}". On `test_compositional`
-    every one-object image shows a held-out pair, so a CLIP that learned shape apart from colour
-    scores as well there as on `validation`, and one that learned only the seen pairs scores about
-    chance (1/3) on shape: then unCLIP's held-out failures start in CLIP, before the prior and
-    the decoder (which may still recover some of the shape from the image embedding)."""
-    from unclip_jax.data import shapes
-    from unclip_jax.data.embeddings import clip_images
-    from unclip_jax.eval.clip_metrics import zero_shot_predictions
+CLIP_DIAGNOSTICS = ("clip_zero_shot", "clip_probe")  # split_eval keys that are not pipelines
 
-    combos = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
+
+def one_object_examples(split: str, count: int) -> list:
+    """The first `count` one-object examples of `split` (index 0 upward)."""
+    from unclip_jax.data import shapes
+
     examples, index = [], 0
     while len(examples) < count:
         if index >= 100 * count:
@@ -427,14 +422,61 @@ def clip_zero_shot(clip, split: str, count: int) -> dict:
         index += 1
         if len(example.objects) == 1:
             examples.append(example)
-    text = clip.text([f"a {c} {s}" for c, s in combos])["text_emb"]
+    return examples
+
+
+def _clip_image_embeds(clip, examples) -> np.ndarray:
+    from unclip_jax.data.embeddings import clip_images
+
     size = clip.image_model.vision.image_size
-    pixels = clip_images([{"image": ex.image} for ex in examples], size)
-    predicted = np.asarray([combos[i] for i in zero_shot_predictions(clip.images(pixels), text)])
+    return np.asarray(clip.images(clip_images([{"image": ex.image} for ex in examples], size)))
+
+
+def clip_zero_shot(clip, split: str, count: int) -> dict:
+    """CLIP's zero-shot colour and shape on the first `count` one-object images of `split`: each
+    image's class is the nearest of the 18 prompts "a {color} {shape}". On `test_compositional`
+    every one-object image shows a held-out pair, so a CLIP that learned shape apart from colour
+    scores as well there as on `validation`, and one that learned only the seen pairs scores about
+    chance (1/3) on shape: then unCLIP's held-out failures start in CLIP, before the prior and
+    the decoder (which may still recover some of the shape from the image embedding)."""
+    from unclip_jax.data import shapes
+    from unclip_jax.eval.clip_metrics import zero_shot_predictions
+
+    combos = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
+    examples = one_object_examples(split, count)
+    text = clip.text([f"a {c} {s}" for c, s in combos])["text_emb"]
+    predicted = np.asarray([combos[i] for i in zero_shot_predictions(
+        _clip_image_embeds(clip, examples), text)])  # fmt: skip
     truth = np.asarray([(ex.objects[0].color, ex.objects[0].shape) for ex in examples])
     hit = predicted == truth  # [count, (colour, shape)]
     return {"n": count, "color": float(hit[:, 0].mean()), "shape": float(hit[:, 1].mean()),
             "both": float(hit.all(-1).mean())}  # fmt: skip
+
+
+def clip_probe(clip, splits, count: int, train_count: int) -> dict:
+    """Linear probes for colour and for shape on CLIP's image embeddings, fitted on the first
+    `train_count` one-object images of `train` (seen pairs only) and read on the first `count`
+    one-object images of each split: {split: {"n", "train_n", "color", "shape"}}. The text tower
+    plays no part, so a held-out shape read at chance here (1/3) means the image embedding itself
+    puts a purple triangle among the purple shapes it saw: no prior or decoder downstream can
+    recover it from the embedding's linear part."""
+    from unclip_jax.data import shapes
+    from unclip_jax.eval.clip_metrics import linear_probe
+
+    def labels(examples, attr, names):
+        return np.asarray([list(names).index(getattr(ex.objects[0], attr)) for ex in examples])
+
+    train = one_object_examples("train", train_count)
+    train_embeds = _clip_image_embeds(clip, train)
+    out = {}
+    for split in splits:
+        examples = one_object_examples(split, count)
+        embeds = _clip_image_embeds(clip, examples)
+        out[split] = {"n": count, "train_n": train_count}
+        for attr, names in (("color", shapes.COLORS), ("shape", shapes.SHAPES)):
+            predicted = linear_probe(train_embeds, labels(train, attr, names), embeds)
+            out[split][attr] = float(np.mean(predicted == labels(examples, attr, names)))
+    return out
 
 
 def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
@@ -463,6 +505,7 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
         if demo.reuse("split_eval", fingerprint, record):
             return
         rng = jax.random.key(demo.config.seed + 1)
+        probes = clip_probe(pipes.unclip.clip, e.splits, e.zero_shot, e.probe_train)
         for split_index, split in enumerate(e.splits):
             examples = [shapes.render_example(split, i) for i in range(e.captions)]
             captions = [ex.caption for ex in examples]
@@ -472,6 +515,7 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
             result = {
                 "ground_truth_32px": _to_plain(truth_score),
                 "clip_zero_shot": clip_zero_shot(pipes.unclip.clip, split, e.zero_shot),
+                "clip_probe": probes[split],
             }
             for pipe in pipe_names:
                 start, chunks = time.perf_counter(), []
@@ -569,7 +613,7 @@ def format_report(report: dict) -> list[str]:
         r = split_eval.get(split)
         if r:
             lines.append(f"{split} captions, faithful (caption / colour / shape / relation):")
-            pipes = [k for k in r if k not in ("ground_truth_32px", "clip_zero_shot")]
+            pipes = [k for k in r if k not in ("ground_truth_32px", *CLIP_DIAGNOSTICS)]
             for name in (*pipes, "ground_truth_32px"):
                 f = r[name]
                 attrs = ("caption", "color", "shape", "relation")
@@ -582,6 +626,11 @@ def format_report(report: dict) -> list[str]:
                 lines.append(f"  CLIP zero-shot on one-object images (colour / shape / both): "
                              f"{_fmt(z['color'])} / {_fmt(z['shape'])} / {_fmt(z['both'])} "
                              f"(n={z['n']})")  # fmt: skip
+            p = r.get("clip_probe")
+            if p:
+                lines.append(f"  CLIP linear probe (colour / shape): {_fmt(p['color'])} / "
+                             f"{_fmt(p['shape'])} (fitted on {p['train_n']} seen-pair train "
+                             "images)")  # fmt: skip
     if report.get("interrupted"):
         lines.append(f"interrupted: {report['interrupted']}")
     ablation = report["stages"].get("ablation", {})

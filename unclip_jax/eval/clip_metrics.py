@@ -15,6 +15,9 @@
   non-symmetric product is ill-conditioned. "auto" uses scipy when it imports, else eigh.
 - Zero-shot classification: each image's class is the class prompt with the most similar CLIP
   text embedding (CLIP's zero-shot protocol, one prompt per class).
+- Linear probe: a ridge-regression classifier (one-hot targets, closed form) fitted on the
+  L2-normalised embeddings of labelled images and read on others: what the embedding encodes
+  linearly, whether or not the text tower names it.
 - Diversity: mean pairwise cosine distance (1 - cos) of the L2-normalised CLIP image embeddings of
   the samples of one prompt, averaged over prompts (each prompt counts once).
 
@@ -155,6 +158,30 @@ def zero_shot_predictions(image_embeds, class_text_embeds) -> np.ndarray:
         raise ValueError(f"need non-empty [N, E] images and [C, E] class prompts, got {a.shape}, "
                          f"{b.shape}")  # fmt: skip
     return (_unit(a) @ _unit(b).T).argmax(-1)
+
+
+def linear_probe(train_embeds, train_labels, test_embeds, *, ridge: float = 1e-2) -> np.ndarray:
+    """Class indices [M] of `test_embeds` [M, E] from a linear probe fitted on `train_embeds`
+    [N, E] with integer `train_labels` [N] in 0..C-1: ridge regression of the one-hot labels on
+    the L2-normalised embeddings plus a bias, W = (A^T A + ridge I)^-1 A^T Y, then argmax (ties
+    to the lower index). Closed form in float64, so it needs no tuning and is deterministic."""
+    a = np.asarray(train_embeds, np.float64)
+    b = np.asarray(test_embeds, np.float64)
+    y = np.asarray(train_labels)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
+        raise ValueError(f"need non-empty [N, E] train and [M, E] test embeddings, got {a.shape}, "
+                         f"{b.shape}")  # fmt: skip
+    if y.shape != (len(a),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise ValueError(f"need {len(a)} non-negative integer labels, got {y.dtype} {y.shape}")
+    if len(np.unique(y)) < 2:
+        raise ValueError("a linear probe needs at least two classes among the train labels")
+    if not ridge > 0:
+        raise ValueError(f"ridge must be positive, got {ridge}")
+    design = np.c_[_unit(a), np.ones(len(a))]
+    targets = np.eye(int(y.max()) + 1)[y]
+    weights = np.linalg.solve(design.T @ design + ridge * np.eye(design.shape[1]),
+                              design.T @ targets)  # fmt: skip
+    return (np.c_[_unit(b), np.ones(len(b))] @ weights).argmax(-1)
 
 
 def clip_scores(
