@@ -4,7 +4,7 @@ measured on captions of the `validation` and `test_compositional` splits (`split
 
     unclip-jax demo --config shapes_quality --out outputs/demo_quality
 
-Sized for what 2 CPU cores can train in about 5 hours (measured: ~30 GFLOP/s on the tiny UNet's
+Sized for what 2 CPU cores can train in about 6.5 hours (measured: ~30 GFLOP/s on the tiny UNet's
 train step, 1.6-2.2 s per step at batch 32), so it is a *reduced* recipe, not the one a GPU would
 run:
 - CLIP: the demo's tiny tower (16 px, patch 4, width 64, 2 layers), 1500 steps at batch 128
@@ -12,10 +12,12 @@ run:
 - diffusion and AR priors: 96 wide x 4 layers (the demo's: 32 x 2 and 64 x 2), 1500 steps at
   batch 128 each;
 - decoder and GLIDE base: the tiny UNet (32 channels) with a third level, channel_mult (1, 2, 2)
-  and attention at 8 px (the same step time as the demo's two levels) at batch 32, 3000 steps
-  each (96k examples). Measured on validation / test_compositional captions, whole caption:
-  unCLIP 0.27 / 0.14 at 1000 decoder steps (blobs), 0.39 / 0.11 at 2000, 0.52 / 0.22 at 3000;
-  GLIDE 0.09 / 0.09 at 1000, 0.20 / 0.11 at 2000, 0.39 / 0.27 at 3000;
+  and attention at 8 px (the same step time as the demo's two levels) at batch 32, 4000 steps
+  each (128k examples). Measured on validation / test_compositional captions, whole caption:
+  unCLIP 0.27 / 0.14 at 1000 decoder steps (blobs), 0.39 / 0.11 at 2000, 0.52 / 0.22 at 3000,
+  0.53 / 0.22 at 4000 (level with the decoder from true image embeddings, 0.53 / 0.36: the
+  decoder has converged for this CLIP); GLIDE 0.09 / 0.09 at 1000, 0.20 / 0.11 at 2000,
+  0.39 / 0.27 at 3000, 0.45 / 0.38 at 4000;
   GLIDE's text transformer 64 wide, over a BPE learned on the captions (shapes_demo.GLIDE_BPE);
 - upsampler 32 -> 64: 300 steps at batch 16;
 - the decoder, upsampler and GLIDE predict v rather than the papers' eps (shapes_demo.VELOCITY
@@ -45,10 +47,10 @@ def get_config(arg=None):
     s.clip = stage("clip_vit_b32:tiny", 1500, 128, 1e-3, "optim.warmup_steps=100")
     s.prior = stage("prior_diffusion:tiny", 1500, 128, 1e-3, *PRIOR, EMA)
     s.ar_prior = stage("prior_ar:tiny", 1500, 128, 1e-3, *PRIOR, EMA)
-    s.decoder = stage("decoder64:tiny", 3000, 32, 1e-3, *UNET, *VELOCITY, EMA)
+    s.decoder = stage("decoder64:tiny", 4000, 32, 1e-3, *UNET, *VELOCITY, EMA)
     s.upsampler = stage("upsample256:tiny", 300, 16, 1e-3, "model.low_res_size=32",
                         "train.crop_fraction=0.5", *VELOCITY, EMA)  # fmt: skip
-    s.glide = stage("glide_base64:tiny", 3000, 32, 1e-3, *GLIDE_32PX, *GLIDE_BPE, *UNET, *VELOCITY,
+    s.glide = stage("glide_base64:tiny", 4000, 32, 1e-3, *GLIDE_32PX, *GLIDE_BPE, *UNET, *VELOCITY,
                     "model.text.width=64", EMA)  # fmt: skip
     c.embed_batch_size = 512
 
