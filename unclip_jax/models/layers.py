@@ -82,8 +82,60 @@ def conv(
     )
 
 
+def group_norm(x, scale, bias, num_groups: int, epsilon: float):
+    """GroupNorm of [B, ..., C] over the spatial axes and each group's channels, in float32.
+
+    The statistics are per-channel sums over the spatial axes (a contiguous column reduction in
+    NHWC), folded to groups on the small [B, C] result, and the normalisation is one fused
+    multiply-add per element. Written out because flax's GroupNorm reduces over a strided
+    [B, HW, G, C/G] view, which XLA's CPU backend runs ~6x slower at the UNet's shapes
+    (benchmarks/results/karlo_small_cpu.json, `diagnosis`). Variance is E[x^2] - E[x]^2, as flax's
+    default `use_fast_variance`, clamped at 0.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"{c} channels do not split into {num_groups} groups")
+    flat = x.reshape(b, -1, c)
+    count = flat.shape[1] * (c // num_groups)
+    sums = jnp.sum(flat, axis=1).reshape(b, num_groups, -1).sum(-1)
+    squares = jnp.sum(flat * flat, axis=1).reshape(b, num_groups, -1).sum(-1)
+    mean = sums / count
+    inv = jax.lax.rsqrt(jnp.maximum(squares / count - mean * mean, 0.0) + epsilon)  # [B, G]
+    per_channel = scale.reshape(num_groups, -1) * inv[:, :, None]  # [B, G, C/G]
+    offset = bias.reshape(num_groups, -1) - mean[:, :, None] * per_channel
+    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    return x * per_channel.reshape(shape) + offset.reshape(shape)
+
+
+class _GroupNormParams(nn.Module):
+    """Holds GroupNorm's scale and bias under the name flax's nn.GroupNorm gives them."""
+
+    features: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        names = (axes.NORM,)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, names),
+            (self.features,),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, names),
+            (self.features,),
+            self.param_dtype,
+        )
+        return scale, bias
+
+
 class GroupNorm32(nn.Module):
-    """GroupNorm(32 groups, eps 1e-5) computed in float32 and cast back (GLIDE's GroupNorm32)."""
+    """GroupNorm(32 groups, eps 1e-5) computed in float32 and cast back (GLIDE's GroupNorm32).
+
+    Parameters live at `norm/scale` and `norm/bias`, as they did under flax's nn.GroupNorm.
+    """
 
     num_groups: int = 32
     epsilon: float = 1e-5
@@ -91,15 +143,14 @@ class GroupNorm32(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.GroupNorm(
-            num_groups=self.num_groups,
-            epsilon=self.epsilon,
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)),
-            name="norm",
-        )(x.astype(jnp.float32))
+        scale, bias = _GroupNormParams(x.shape[-1], self.param_dtype, name="norm")()
+        y = group_norm(
+            x.astype(jnp.float32),
+            scale.astype(jnp.float32),
+            bias.astype(jnp.float32),
+            self.num_groups,
+            self.epsilon,
+        )
         return y.astype(x.dtype)
 
 
@@ -115,15 +166,64 @@ def layer_norm(param_dtype: Dtype, epsilon: float = 1e-5, name: str | None = Non
     )
 
 
-def attention(q, k, v, mask=None):
+# From this many logits per head (the 16x16 and 32x32 attention of a 64 px UNet), attention on the CPU backend loops over (head, query block):
+# a [B, 128, Lk] block of logits stays in cache instead of streaming [B, N, Lq, Lk] through memory
+# five times (dot, mask, max, exp-sum, normalise). 2.4x faster at the decoder's 32x32 attention
+# (benchmarks/results/karlo_small_cpu.json, `diagnosis`). Accelerators keep the one-shot form.
+_CPU_BLOCK_LOGITS = 256 * 256
+_CPU_QUERY_BLOCK = 128
+
+
+def _softmax_attend(q, k, v, mask):
+    """q [..., Lq, D] (already scaled), k/v [..., Lk, D], mask [..., Lk] or None -> [..., Lq, D].
+
+    The normalisation is deferred to the [.., Lq, D] output, so the [Lq, Lk] weights are never
+    rescaled in memory. Logits and their softmax are float32.
+    """
+    logits = jnp.einsum("...qd,...kd->...qk", q, k).astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask[..., None, :], logits, jnp.finfo(jnp.float32).min)
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits)
+    out = jnp.einsum("...qk,...kd->...qd", weights.astype(v.dtype), v).astype(jnp.float32)
+    return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
+
+
+def _blocked_attention(q, k, v, mask, block: int):
+    """`attention` as a loop over (head, query block) with the batch inside each step."""
+    b, lq, n, d = q.shape
+    blocks = lq // block
+    # [B, Lq, N, D] -> [N * blocks, B, block, D]; K/V -> [N, B, Lk, D].
+    qb = q.reshape(b, blocks, block, n, d).transpose(3, 1, 0, 2, 4).reshape(n * blocks, b, block, d)
+    kh, vh = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)
+    head = jnp.repeat(jnp.arange(n), blocks)
+
+    def step(args):
+        qi, i = args
+        return _softmax_attend(qi, kh[i], vh[i], mask)
+
+    out = jax.lax.map(step, (qb, head))  # [N * blocks, B, block, D]
+    return out.reshape(n, blocks, b, block, d).transpose(2, 1, 3, 0, 4).reshape(b, lq, n, d)
+
+
+def attention(q, k, v, mask=None, *, implementation: str | None = None):
     """Softmax attention in float32. q [B, Lq, N, D], k/v [B, Lk, N, D], mask [B, Lk] (True = keep).
 
-    q and k are each scaled by D^-1/4 before the product (GLIDE's order, safe in low precision).
-    Returns [B, Lq, N, D] in v's dtype.
+    Mathematically GLIDE's QKV attention (q and k each scaled by D^-1/4; here the product is
+    scaled by D^-1/2 once). Returns [B, Lq, N, D] in v's dtype.
+    implementation: None picks by backend and size ('blocked' on CPU for large per-head logits,
+    'dense' otherwise); 'dense' or 'blocked' forces one (the tests compare the two).
     """
-    scale = q.shape[-1] ** -0.25
-    logits = jnp.einsum("bqnd,bknd->bnqk", q * scale, k * scale).astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnqk,bknd->bqnd", weights, v)
+    lq, lk = q.shape[1], k.shape[1]
+    if implementation is None:
+        large = lq * lk >= _CPU_BLOCK_LOGITS and lq % _CPU_QUERY_BLOCK == 0
+        implementation = "blocked" if large and jax.default_backend() == "cpu" else "dense"
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    if implementation == "blocked":
+        block = math.gcd(lq, _CPU_QUERY_BLOCK)
+        return _blocked_attention(q, k, v, mask, block)
+    if implementation != "dense":
+        raise ValueError(f"unknown attention implementation {implementation!r}: dense or blocked")
+    heads_major = [jnp.swapaxes(a, 1, 2) for a in (q, k, v)]  # [B, N, L, D]
+    out = _softmax_attend(*heads_major, None if mask is None else mask[:, None, :])
+    return jnp.swapaxes(out, 1, 2)
