@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.models import axes
-from unclip_jax.models.layers import Dtype, dense, layer_norm, timestep_embedding
+from unclip_jax.models.layers import Dtype, dense, layer_norm, silu, timestep_embedding
 from unclip_jax.models.text_transformer import MLP
 
 _ACTIVATION = (axes.BATCH, axes.LENGTH, axes.EMBED)
@@ -183,7 +183,7 @@ class DiffusionPrior(nn.Module):
         # The timestep MLP runs in float32 (cos-first sinusoid, Linear, SiLU, Linear).
         temb = timestep_embedding(t, self.width)
         temb = dense(self.width, (axes.EMBED, axes.MLP), name="time_embed_0", **f32)(temb)
-        temb = dense(self.width, (axes.MLP, axes.EMBED), name="time_embed_2", **f32)(nn.silu(temb))
+        temb = dense(self.width, (axes.MLP, axes.EMBED), name="time_embed_2", **f32)(silu(temb))
         img = dense(self.width, proj, name="clip_img_proj", **kw)(x_t.astype(self.dtype))
         normal = nn.initializers.normal(0.01)
         prd = self.param("prd_emb", nn.with_logical_partitioning(normal, (axes.EMBED,)),

@@ -20,7 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax.models import axes
-from unclip_jax.models.layers import Dtype, GroupNorm32, attention, conv, dense, timestep_embedding
+from unclip_jax.models.layers import (
+    Dtype,
+    GroupNorm32,
+    attention,
+    conv,
+    dense,
+    silu,
+    timestep_embedding,
+)
 
 _ACTIVATION = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.CHANNELS)
 
@@ -54,14 +62,14 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(GroupNorm32(param_dtype=self.param_dtype, name="in_layers_0")(x))
+        h = silu(GroupNorm32(param_dtype=self.param_dtype, name="in_layers_0")(x))
         if self.up:
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.down:
             h, x = downsample_avg(h), downsample_avg(x)
         h = conv(self.out_channels, 3, name="in_layers_2", **kw)(h)
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        emb_out = dense(width, (axes.EMBED, axes.CONV_OUT), name="emb_layers_1", **kw)(nn.silu(emb))
+        emb_out = dense(width, (axes.EMBED, axes.CONV_OUT), name="emb_layers_1", **kw)(silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]
         out_norm = GroupNorm32(param_dtype=self.param_dtype, name="out_layers_0")
         if self.use_scale_shift_norm:
@@ -69,7 +77,7 @@ class ResBlock(nn.Module):
             h = out_norm(h) * (1 + scale) + shift
         else:
             h = out_norm(h + emb_out)
-        h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
+        h = nn.Dropout(self.dropout, deterministic=self.deterministic)(silu(h))
         h = conv(self.out_channels, 3, zero_init=True, name="out_layers_3", **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, name="skip_connection", **kw)(x)
@@ -170,7 +178,7 @@ class UNet(nn.Module):
         f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
         temb = dense(self.time_embed_dim, (axes.EMBED, axes.MLP), name="time_embed_0", **f32)(temb)
         temb = dense(self.time_embed_dim, (axes.MLP, axes.EMBED), name="time_embed_2", **f32)(
-            nn.silu(temb)
+            silu(temb)
         )
         if emb is not None:
             temb = temb + emb.astype(jnp.float32)
@@ -219,7 +227,7 @@ class UNet(nn.Module):
                     ds //= 2
                 index += 1
 
-        h = nn.silu(GroupNorm32(param_dtype=self.param_dtype, name="out_0")(h))
+        h = silu(GroupNorm32(param_dtype=self.param_dtype, name="out_0")(h))
         out = conv(self.out_channels, 3, zero_init=True, name="out_2", **kw)(h)
         return out.astype(jnp.float32)
 
