@@ -6,14 +6,17 @@ same mesh with other rules. The batch is always split over data x fsdp.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from unclip_jax.models import axes
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -74,9 +77,31 @@ def create_mesh(shape: Sequence[tuple[str, int]], devices=None) -> Mesh:
 
 
 def logical_shardings(abstract_boxed, mesh: Mesh, rules):
-    """NamedShardings for a tree of (boxed, e.g. from jax.eval_shape of init) variables."""
+    """NamedShardings for a tree of (boxed, e.g. from jax.eval_shape of init) variables.
+
+    A dimension that its mesh axes do not divide is replicated instead (jit refuses uneven
+    shardings): e.g. a UNet's 6-channel output conv under 64-way FSDP.
+    """
     specs = nn.get_partition_spec(abstract_boxed)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules_for(rules))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules_for(rules))
+    return jax.tree.map(_divisible, shardings, nn.meta.unbox(abstract_boxed))
+
+
+def _divisible(sharding, leaf):
+    """`sharding` with the mesh axes of every dimension of `leaf` they do not divide dropped."""
+    shape = getattr(leaf, "shape", None)
+    if shape is None or not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    fitted = []
+    for size, entry in zip(shape, spec, strict=True):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        ways = int(np.prod([sharding.mesh.shape[name] for name in names]))
+        fitted.append(entry if size % ways == 0 else None)
+    if tuple(fitted) == spec:
+        return sharding
+    log.debug("shape %s: %s does not divide it, now %s", shape, spec, tuple(fitted))
+    return NamedSharding(sharding.mesh, PartitionSpec(*fitted))
 
 
 def sharded_init(create_fn, mesh: Mesh, rules, *args):
