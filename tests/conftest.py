@@ -9,6 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's CPU optimisation passes dominate compile time for the tests' tiny models (a tiny GLIDE
 # init compiles in ~5 s instead of ~20 s); the tests check numbers, not speed.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# No persistent compilation cache in tests (hermetic, nothing written under ~/.cache);
+# tests/test_compile_cache.py turns it on in its own processes.
+os.environ["UNCLIP_JAX_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
 

@@ -153,7 +153,15 @@ def _cmd_sample(args) -> None:
                       decoder_sampler=args.sampler or pipe.decoder_sample.get("sampler"),
                       decoder_steps=args.steps or pipe.decoder_sample.get("respacing"))  # fmt: skip
     images = jax.device_get(out["images"])
-    record.update(prompts=prompts, seed=args.seed, seconds=time.perf_counter() - start)
+    from unclip_jax import compile_cache
+
+    record.update(
+        prompts=prompts,
+        seed=args.seed,
+        seconds=time.perf_counter() - start,
+        compile=compile_cache.stats()
+        | {"cache_dir": jax.config.jax_compilation_cache_dir or "off"},
+    )
     paths = save_samples(args.out, images, record)
     print(f"wrote {len(images)} images: {paths['grid']}, {paths['record']}")
 
@@ -397,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="GLIDE and unCLIP (DALL-E 2) text-to-image diffusion in JAX/Flax.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    parser.add_argument(
+        "--compilation-cache", metavar="DIR|off", default=None,
+        help="JAX's persistent compilation cache: a folder, or off (default: "
+        "$UNCLIP_JAX_COMPILATION_CACHE, else ~/.cache/unclip-jax/jax; see README)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -571,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     # orbax logs every checkpoint phase through absl at INFO; keep -v readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        from unclip_jax import compile_cache
+
+        compile_cache.enable(args.compilation_cache)
         args.func(args)
     except (UserError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
         # Config and input problems: one line, no traceback.

@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from unclip_jax import compile_cache
 from unclip_jax.models.ar_prior import ARPrior, EmbeddingCodec
 
 
@@ -84,6 +85,7 @@ class ARPriorSampler:
     """
 
     def __init__(self, model: ARPrior):
+        compile_cache.enable()
         self.model = model
         self._jitted = {
             flag: jax.jit(functools.partial(_sample, model, flag)) for flag in (False, True)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from unclip_jax import diffusion
+from unclip_jax import compile_cache, diffusion
 from unclip_jax.imaging import area_downsample, nearest_downsample, quantize_8bit
 from unclip_jax.models.glide import GlideUNet
 from unclip_jax.tokenizers import glide_tokenize
@@ -54,6 +54,7 @@ class GlideStage:
     diffusion: Any  # ConfigDict: schedule, num_timesteps, mean/var/loss type
 
     def __post_init__(self):
+        compile_cache.enable()
         # One function object per stage: the jitted samplers treat it as a static argument.
         self.model_fn = functools.partial(_apply, self.model)
 
@@ -172,6 +173,7 @@ def pipeline_from_runs(base, upsampler=None) -> GlidePipeline:
     """GlidePipeline from run folders: the base (and an optional upsampler) with their tokenizer."""
     from unclip_jax.tokenizers import glide_tokenizer_from_config
 
+    compile_cache.enable()
     base_stage, config = stage_from_run(base)
     up_stage = None
     if upsampler is not None:

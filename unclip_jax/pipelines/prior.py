@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from unclip_jax import diffusion
+from unclip_jax import compile_cache, diffusion
 from unclip_jax.models.prior import DiffusionPrior, unscale_image_embedding
 
 
@@ -70,6 +70,7 @@ class PriorSampler:
                  temperature: float = 1.0):  # fmt: skip
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        compile_cache.enable()
         self.model = model
         self.table = diffusion.diffusion_from_config(diffusion_config, respacing)
         if self.table.mean_type != diffusion.ModelMeanType.START_X:

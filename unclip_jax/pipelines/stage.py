@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from unclip_jax import diffusion
+from unclip_jax import compile_cache, diffusion
 
 
 @dataclass(eq=False)
@@ -35,6 +35,9 @@ class DiffusionStage:
     clip_denoised: bool = True
     clip_range: float = 1.0
     denoised_fn: Callable | None = None
+
+    def __post_init__(self):
+        compile_cache.enable()  # a sampling loop compiles once per machine, not per process
 
     def table(self, respacing):
         return diffusion.diffusion_from_config(self.diffusion, respacing)

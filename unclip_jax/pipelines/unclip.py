@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax import compile_cache
 from unclip_jax.pipelines import manipulations
 from unclip_jax.pipelines.stage import DiffusionStage
 
@@ -381,6 +382,7 @@ def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None,
     from unclip_jax.models.decoder import decoder_from_config, make_model_fn, upsampler_from_config
     from unclip_jax.tokenizers import glide_tokenizer_from_config
 
+    compile_cache.enable()
     dec_config, dec_params = _run_of_kind(decoder, "decoder")
     dec_model = decoder_from_config(dec_config.model)
     glide = dec_model.text is not None
@@ -430,6 +432,7 @@ def pipeline_from_diffusers(
     from unclip_jax.pipelines.prior import sampler_from_config
     from unclip_jax.tokenizers import ClipTokenizer
 
+    compile_cache.enable()  # before the converters' first jitted op
     root = pathlib.Path(root)
     for name in ("text_encoder", "tokenizer", "prior", "text_proj", "decoder"):
         if not (root / name).is_dir():

@@ -19,7 +19,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from unclip_jax import parallel
+from unclip_jax import compile_cache, parallel
 from unclip_jax.checkpoint import Checkpointer, abstract_like
 from unclip_jax.data import loader
 from unclip_jax.train import hooks
@@ -55,6 +55,7 @@ def train(config, workdir: str | pathlib.Path, *, kind=None) -> dict:
     metrics, paths)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    compile_cache.enable()
     is_main = jax.process_index() == 0
     log.info("process %d of %d, %d local devices of %d", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
