@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint fixtures bench clean
+.PHONY: demo test lint fixtures bench scale-plan clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,9 +50,20 @@ fixtures: $(VENV)/.stamp-parity
 	$(BIN)/python tests/fixtures/make_decoder_fixtures.py
 	$(BIN)/python tests/fixtures/make_karlo_fixtures.py
 
-## bench: side-by-side benchmarks against the PyTorch reference; JSON in benchmarks/results/
+## bench: the CPU set, side by side against the PyTorch reference (run it alone: the timing
+## rules of benchmarks/harness.py wait for a quiet machine), JSON in benchmarks/results/, then the
+## README's tables rewritten from the JSON. ~40 min on 2 cores. `make scale-plan` (hours, AOT
+## only) and benchmarks/gpu_suite.sh (a GPU) are apart.
 bench: $(VENV)/.stamp-parity
-	$(BIN)/python benchmarks/bench_samplers.py
+	UNCLIP_JAX_COMPILATION_CACHE=off $(BIN)/python benchmarks/bench_samplers.py
+	UNCLIP_JAX_COMPILATION_CACHE=off $(BIN)/python benchmarks/bench_karlo_small.py
+	$(BIN)/python benchmarks/report.py
+
+## scale-plan: paper-scale train steps AOT-compiled on 64 fake CPU devices (no weights), then the
+## README's table from benchmarks/results/scale_plan.json
+scale-plan: $(VENV)/.stamp-base
+	$(BIN)/python benchmarks/scale_plan.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -35,10 +35,10 @@ import math
 import os
 import pathlib
 import platform
-import statistics
 import tempfile
 import time
 
+import harness
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,10 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unclip_jax import diffusion
+from unclip_jax import compile_cache, diffusion
 from unclip_jax.convert.clip import load_hf_clip
 from unclip_jax.convert.diffusers_prior import load_diffusers_prior
 from unclip_jax.convert.diffusers_unclip import load_diffusers_decoder, load_diffusers_upsampler
+from unclip_jax.diffusion import samplers
 from unclip_jax.diffusion.gaussian import schedule_arrays
 from unclip_jax.models.clip import clip_from_config
 from unclip_jax.models.decoder import null_cond
@@ -78,7 +79,7 @@ IMAGE_DROP, CAPTION_DROP = 0.1, 0.5
 
 def build_reference(folder: pathlib.Path) -> None:
     """BENCHMARKS.md's bench-karlo-small stack with seeded random weights, saved to `folder`."""
-    from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline, UnCLIPTextProjModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -125,14 +126,23 @@ def build_reference(folder: pathlib.Path) -> None:
     pipe = UnCLIPPipeline(
         prior=prior, decoder=decoder, text_encoder=text_encoder, tokenizer=tok.hf,
         text_proj=text_proj, super_res_first=super_res[0], super_res_last=super_res[1],
-        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
-                                        clip_sample_range=5.0),
-        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range",
-                                          prediction_type="epsilon"),
-        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log",
-                                            prediction_type="epsilon"),
+        **reference_schedulers(),
     )  # fmt: skip
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def reference_schedulers() -> dict:
+    """Karlo's three UnCLIPSchedulers, keyed as UnCLIPPipeline names them."""
+    from diffusers import UnCLIPScheduler
+
+    return {
+        "prior_scheduler": UnCLIPScheduler(variance_type="fixed_small_log",
+                                           prediction_type="sample", clip_sample_range=5.0),
+        "decoder_scheduler": UnCLIPScheduler(variance_type="learned_range",
+                                             prediction_type="epsilon"),
+        "super_res_scheduler": UnCLIPScheduler(variance_type="fixed_small_log",
+                                               prediction_type="epsilon"),
+    }  # fmt: skip
 
 
 def load_reference(folder: pathlib.Path):
@@ -176,15 +186,17 @@ def _super_res_apply(model, params, x, t, cond):
 class Ours:
     """unclip-jax's stack loaded from the diffusers folder, one jitted sampler per stage."""
 
-    def __init__(self, folder: pathlib.Path, timesteps: dict):
+    def __init__(self, folder: pathlib.Path, timesteps: dict, *, context_length: int = 77,
+                 low_res_size: int = 64):  # fmt: skip
         config, clip_params = load_hf_clip(folder / "text_encoder")
-        tokenizer = ClipTokenizer.from_pretrained(folder / "tokenizer", context_length=77)
+        tokenizer = ClipTokenizer.from_pretrained(folder / "tokenizer",
+                                                  context_length=context_length)  # fmt: skip
         self.clip = ClipEncoder(clip_from_config(config, towers="text"), clip_params, tokenizer)
         self.prior, self.prior_params = load_diffusers_prior(folder / "prior")
         self.decoder, self.decoder_params = load_diffusers_decoder(folder)
         self.super_res, first = load_diffusers_upsampler(folder / "super_res_first",
-                                                         low_res_size=64)  # fmt: skip
-        _, last = load_diffusers_upsampler(folder / "super_res_last", low_res_size=64)
+                                                         low_res_size=low_res_size)  # fmt: skip
+        _, last = load_diffusers_upsampler(folder / "super_res_last", low_res_size=low_res_size)
         self.super_res_params = {"first": first, "last": last}
         # The UnCLIPScheduler grids, kept exactly (use_timesteps).
         grid = functools.partial(diffusion.create_diffusion, "cosine", 1000)
@@ -366,13 +378,15 @@ def denoiser_agreement(ours: Ours, pipe, text, empty) -> dict:
 # Sampling: whole chains, both sides, the same latents and noise.
 
 
-def median_time(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+def compile_seconds(before: dict) -> float:
+    """Tracing + lowering + XLA compile seconds since the `compile_cache.stats()` `before`."""
+    after = compile_cache.stats()
+    return sum(after[k] - before[k] for k in ("trace_s", "lower_s", "backend_s"))
+
+
+def stage_summary(runs: list[dict], stage: str) -> dict:
+    """harness.summarise over one stage's seconds; a run's validity is its whole call's."""
+    return harness.summarise([r["probe"] | {"s": r[stage]} for r in runs])
 
 
 def bench_sampling(ours: Ours, pipe, repeats: int) -> dict:
@@ -386,7 +400,7 @@ def bench_sampling(ours: Ours, pipe, repeats: int) -> dict:
     shapes = {k: v.shape for k, v in latents.items()}
 
     # --- ours: the stages composed on the host, each timed up to its result (a stage needs the
-    # previous one's output anyway, so the syncs cost nothing). The first run compiles.
+    # previous one's output anyway, so the syncs cost nothing).
     def run_ours():
         marks = [time.perf_counter()]
         text, empty = jax.block_until_ready(ours.text(PROMPTS))
@@ -406,10 +420,13 @@ def bench_sampling(ours: Ours, pipe, repeats: int) -> dict:
             "end_to_end": marks[-1] - marks[0]
         }
 
+    # The first call compiles (not timed); compile seconds from jax.monitoring, per stage from
+    # the first call's excess over the steady state.
+    before = compile_cache.stats()
     outs, first = run_ours()
-    print("ours, first run (compiles), s:", {k: round(v, 1) for k, v in first.items()}, flush=True)
-    ours_runs = [run_ours()[1] for _ in range(repeats)]
-    ours_times = {s: statistics.median(r[s] for r in ours_runs) for s in first}
+    compile_s = compile_seconds(before)
+    print(f"ours, first run (compiles {compile_s:.0f} s):",
+          {k: round(v, 1) for k, v in first.items()}, flush=True)  # fmt: skip
     final_ours = outs["images"]
 
     # --- diffusers: the pipeline call, the same latents and per-step noise.
@@ -438,8 +455,21 @@ def bench_sampling(ours: Ours, pipe, repeats: int) -> dict:
     final_ref, ref_first = run_ref()
     remove_hooks()
     print("diffusers, first run, s:", {k: round(v, 1) for k, v in ref_first.items()}, flush=True)
-    ref_runs = [run_ref() for _ in range(repeats)]
-    ref_times = {s: statistics.median(r[1][s] for r in ref_runs) for s in ref_runs[0][1]}
+
+    # --- timed: interleaved rounds after the quiet gate.
+    gate = harness.quiet_gate("sampling")
+    ours_runs, ref_runs = [], []
+    for _ in range(repeats):
+        (_, times), probe = harness.timed(run_ours)
+        ours_runs.append(times | {"probe": probe})
+        (_, times), probe = harness.timed(run_ref)
+        ref_runs.append(times | {"probe": probe})
+        print(
+            "  round:",
+            {k: round(v, 2) for k, v in ours_runs[-1].items() if k != "probe"},
+            {k: round(v, 2) for k, v in ref_runs[-1].items() if k != "probe"},
+            flush=True,
+        )
 
     agreement = {
         "image_emb_max_rel_diff": rel_err(outs["image_emb"], intermediates["image_emb"]),
@@ -454,20 +484,166 @@ def bench_sampling(ours: Ours, pipe, repeats: int) -> dict:
     }
     stages = []
     for stage in ("text", "prior", "decoder", "super_res", "end_to_end"):
-        jax_s = ours_times[stage]
+        jx, tr = stage_summary(ours_runs, stage), stage_summary(ref_runs, stage)
         stages.append({
-            "stage": stage,
-            "steps": STEPS.get(stage),
-            "jax_s": jax_s,
-            "torch_s": ref_times[stage],
-            "torch_over_jax": ref_times[stage] / jax_s,
-            "jax_first_call_s": first[stage],
-            "jax_compile_s_approx": first[stage] - jax_s,
-            "torch_first_call_s": ref_first[stage],
-            "jax_runs_s": [r[stage] for r in ours_runs],
-            "torch_runs_s": [r[1][stage] for r in ref_runs],
+            "stage": stage, "steps": STEPS.get(stage), "jax": jx, "torch": tr,
+            "torch_over_jax": harness.ratio(tr, jx),
+            "jax_first_call_s": first[stage], "torch_first_call_s": ref_first[stage],
+            "jax_first_call_excess_s": first[stage] - (jx["median_s"] or float("nan")),
         })  # fmt: skip
-    return {"stages": stages, "chain_agreement": agreement}
+    valid = harness.section_valid(gate, *(s[side] for s in stages for side in ("jax", "torch")))
+    return {"gate": gate, "valid": valid, "repeats": repeats, "jax_compile_s": compile_s,
+            "stages": stages, "chain_agreement": agreement}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the sampler's time goes (issue 20, section 2): one decoder forward on both sides, our
+# 25-step loop against the same steps as a Python loop of jitted single steps, and the 3x3
+# convolutions alone.
+
+
+def decoder_inputs(ours: Ours, text, empty, seed: int = 5):
+    """A guided decoder call's inputs at batch 2 x BATCH: ([cond; null], x, t) in our layout."""
+    g = np.random.default_rng(seed)
+    image_emb = jnp.asarray(g.standard_normal((BATCH, 256)).astype(np.float32))
+    cond = {"image_emb": image_emb, "drop_image": jnp.zeros((BATCH,), bool),
+            **{k: text[k] for k in ("text_emb", "text_tokens", "text_mask")}}  # fmt: skip
+    null = null_cond(cond, null_text=empty)
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null)
+    x = jnp.asarray(g.standard_normal((2 * BATCH, 64, 64, 3)).astype(np.float32))
+    t = jnp.asarray(np.array([999, 624, 208, 0] * 2))
+    return cond, both, x, t
+
+
+def bench_decoder_forward(ours: Ours, pipe, text, empty, repeats: int) -> dict:
+    """One decoder forward (text projection + UNet) at batch 8 = cond + null of 4 prompts."""
+    _, both, x, t = decoder_inputs(ours, text, empty)
+    before = compile_cache.stats()
+    forward = jax.jit(ours.fns["decoder"]).lower(ours.decoder_params, x, t, both).compile()
+    compile_s = compile_seconds(before)
+    cost = forward.cost_analysis() or {}
+    with torch.no_grad():
+        swap = lambda a: torch.cat([a[BATCH:], a[:BATCH]])  # noqa: E731  [null; cond] order
+        ctx, emb = pipe.text_proj(
+            image_embeddings=torch.from_numpy(np.asarray(both["image_emb"][:BATCH])),
+            prompt_embeds=swap(torch.from_numpy(np.array(both["text_emb"]))),
+            text_encoder_hidden_states=swap(torch.from_numpy(np.array(both["text_tokens"]))),
+            do_classifier_free_guidance=True,
+        )
+        mask = F.pad(swap(torch.from_numpy(np.array(both["text_mask"]))), (4, 0), value=True)
+        xt, tt = swap(nchw(x)), swap(torch.from_numpy(np.asarray(t)))
+
+    def theirs():
+        with torch.no_grad():
+            return pipe.decoder(xt, tt, encoder_hidden_states=ctx, class_labels=emb,
+                                attention_mask=mask).sample  # fmt: skip
+
+    def mine():
+        return jax.block_until_ready(forward(ours.decoder_params, x, t, both))
+
+    diff = rel_err(mine(), swap(theirs()).numpy().transpose(0, 2, 3, 1))  # also the warm-up
+    gate = harness.quiet_gate("decoder_forward")
+    result = harness.interleave({"jax": mine, "torch": theirs}, repeats)
+    return {"gate": gate, "valid": harness.section_valid(gate, *result.values()),
+            "batch": 2 * BATCH, "jax_compile_s": compile_s, **result,
+            "torch_over_jax": harness.ratio(result["torch"], result["jax"]),
+            "xla_flops": cost.get("flops"), "max_rel_diff": diff}  # fmt: skip
+
+
+def _single_step(model_fn, table, params, x, i, rng, cond, null, scale):
+    """One ancestral step of diffusion.p_sample_loop's body, for a Python loop of jitted calls."""
+    opts = dict(clip_denoised=True, clip_range=1.0, denoised_fn=None)
+    _, _, out = samplers._predict(model_fn, table, params, x, i, cond, null, scale, opts)
+    noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+    return out["mean"] + (i > 0).astype(jnp.float32) * jnp.exp(0.5 * out["log_variance"]) * noise
+
+
+def bench_decoder_loops(ours: Ours, text, empty, repeats: int) -> dict:
+    """Our 25-step decoder p_sample_loop (one jit, fori_loop) against the same 25 steps as a
+    Python loop of one jitted step each: the loop's own cost, and the per-step time."""
+    cond, _, _, _ = decoder_inputs(ours, text, empty)
+    null = null_cond(cond, null_text=empty)
+    scale = jnp.full((BATCH,), GUIDANCE["decoder"], jnp.float32)
+    x_T = jnp.asarray(np.random.default_rng(2).standard_normal((BATCH, 64, 64, 3)), jnp.float32)
+    rng, table, fn, params = (
+        jax.random.key(4),
+        ours.tables["decoder"],
+        ours.fns["decoder"],
+        ours.decoder_params,
+    )
+    steps = table.num_timesteps
+
+    def loop():
+        return jax.block_until_ready(diffusion.p_sample_loop(
+            fn, table, params, x_T, rng, cond, null_cond=null, guidance_scale=scale))  # fmt: skip
+
+    step = jax.jit(functools.partial(_single_step, fn))
+
+    def python_loop():
+        x = x_T
+        for i in range(steps - 1, -1, -1):
+            x = step(table, params, x, jnp.int32(i), rng, cond, null, scale)
+        return jax.block_until_ready(x)
+
+    before = compile_cache.stats()
+    a = loop()
+    loop_compile = compile_seconds(before)
+    before = compile_cache.stats()
+    b = python_loop()
+    step_compile = compile_seconds(before)
+    gate = harness.quiet_gate("decoder_loops")
+    result = harness.interleave({"fori_loop": loop, "python_loop": python_loop}, repeats)
+    per_step = {k: (v["median_s"] or float("nan")) / steps for k, v in result.items()}
+    return {"gate": gate, "valid": harness.section_valid(gate, *result.values(), min_runs=1),
+            "steps": steps, "batch": BATCH, **result, "per_step_s": per_step,
+            "jax_compile_s": {"fori_loop": loop_compile, "single_step": step_compile},
+            "max_abs_diff_loops": float(jnp.max(jnp.abs(a - b)))}  # fmt: skip
+
+
+# The bench-karlo-small decoder's 3x3 convolutions at batch 8: (spatial size, channels).
+CONV_SHAPES = [(64, 64), (32, 128), (16, 192), (8, 256)]
+
+
+def bench_convolutions(repeats: int, calls: int = 10) -> dict:
+    """XLA's CPU convolution against torch's (oneDNN) at the decoder's shapes, with each side's
+    CPU utilisation (CPU seconds per wall second): ~1.0 is one of the two cores."""
+    g = np.random.default_rng(0)
+    out = []
+    gate = harness.quiet_gate("convolutions")
+    for size, ch in CONV_SHAPES:
+        x = g.standard_normal((2 * BATCH, size, size, ch)).astype(np.float32)
+        w = (g.standard_normal((3, 3, ch, ch)) * 0.05).astype(np.float32)
+        conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))  # fmt: skip
+        xj, wj = jnp.asarray(x), jnp.asarray(w)
+        tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
+
+        def mine(xj=xj, wj=wj, conv=conv):
+            for _ in range(calls):
+                y = conv(xj, wj)
+            return jax.block_until_ready(y)
+
+        def theirs(tx=tx, tw=tw):
+            with torch.no_grad():
+                for _ in range(calls):
+                    y = F.conv2d(tx, tw, padding=1)
+            return y
+
+        mine(), theirs()
+        result = harness.interleave({"jax": mine, "torch": theirs}, repeats)
+        for side in result.values():
+            for key in ("min_s", "median_s"):
+                side[key] = side[key] / calls if side[key] else None
+        gflop = 2 * 2 * BATCH * size * size * 9 * ch * ch / 1e9
+        out.append({"shape_nhwc": [2 * BATCH, size, size, ch], "gflop": gflop, **result,
+                    "torch_over_jax": harness.ratio(result["torch"], result["jax"])})  # fmt: skip
+    return {
+        "gate": gate,
+        "calls_per_repeat": calls,
+        "shapes": out,
+        "valid": harness.section_valid(gate, *(s[k] for s in out for k in ("jax", "torch"))),
+    }
 
 
 def capture_intermediates(pipe):
@@ -627,17 +803,16 @@ def bench_training(ours: Ours, pipe, text, empty, repeats: int) -> dict:
     state = TrainState.create(jax.tree.map(jnp.array, ours.decoder_params), tx)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     rng = jax.random.key(3)
-    start = time.perf_counter()
+    before = compile_cache.stats()
     compiled = compile_train_step(step, state, jbatch, rng)
-    compile_s = time.perf_counter() - start
+    compile_s = compile_seconds(before)
     state, metrics = compiled(state, jbatch, rng)  # first call (allocation), not timed
     jax.block_until_ready(metrics)
-    jax_times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = compiled(state, jbatch, rng)
-        jax.block_until_ready((state, metrics))
-        jax_times.append(time.perf_counter() - start)
+    box = {"state": state, "metrics": metrics}
+
+    def jax_step():
+        box["state"], box["metrics"] = compiled(box["state"], jbatch, rng)
+        return jax.block_until_ready((box["state"], box["metrics"]))
 
     # --- torch: the same step written out (forward, backward, clip, AdamW, EMA).
     opt = torch.optim.AdamW(params_t, lr=OPTIM["lr"], betas=(OPTIM["b1"], OPTIM["b2"]),
@@ -665,23 +840,18 @@ def bench_training(ours: Ours, pipe, text, empty, repeats: int) -> dict:
         return loss.item()
 
     torch_step()  # warm-up (allocator, AdamW state)
-    torch_s, torch_times = median_time(torch_step, repeats)
+    gate = harness.quiet_gate("training")
+    result = harness.interleave({"jax": jax_step, "torch": torch_step}, repeats)
     for m in modules:
         m.eval()
-    jax_s = statistics.median(jax_times)
     return {
-        "batch": TRAIN_BATCH,
-        "image_size": 64,
-        "optimizer": OPTIM,
-        "jax_compile_s": compile_s,
-        "jax_step_s": jax_s,
-        "torch_step_s": torch_s,
-        "torch_over_jax": torch_s / jax_s,
-        "jax_runs_s": jax_times,
-        "torch_runs_s": torch_times,
-        "jax_loss_last": float(metrics["loss"]),
+        "gate": gate, "valid": harness.section_valid(gate, *result.values()),
+        "batch": TRAIN_BATCH, "image_size": 64, "optimizer": OPTIM,
+        "jax_compile_s": compile_s, **result,
+        "torch_over_jax": harness.ratio(result["torch"], result["jax"]),
+        "jax_loss_last": float(box["metrics"]["loss"]),
         "agreement_fixed_inputs": agreement,
-    }
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -707,10 +877,35 @@ def machine() -> dict:
     }
 
 
+TARGETS = {"end_to_end": 1.25, "stage": 1.0, "train_step": 1.25}  # torch / jax, issue 20
+
+
+def targets(sampling: dict, training: dict) -> dict:
+    """Each target of issue 20 (section 2) with the measured torch/jax ratio and whether it
+    is met."""
+    out = {}
+    for s in sampling["stages"]:
+        goal = TARGETS["end_to_end"] if s["stage"] == "end_to_end" else TARGETS["stage"]
+        if s["stage"] != "text":  # tokenising + the text tower: not a sampling stage
+            out[s["stage"]] = {
+                "goal": goal,
+                "torch_over_jax": s["torch_over_jax"],
+                "met": bool(s["torch_over_jax"] and s["torch_over_jax"] >= goal),
+            }
+    ratio = training["torch_over_jax"]
+    out["train_step"] = {
+        "goal": TARGETS["train_step"],
+        "torch_over_jax": ratio,
+        "met": bool(ratio and ratio >= TARGETS["train_step"]),
+    }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one timed repeat instead of two")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (not for the README)")
     parser.add_argument("--out", type=pathlib.Path, default=OUT, help="where to write the JSON")
+    parser.add_argument("--only", default="", help="comma-separated sections (default: all)")
     args = parser.parse_args()
     import diffusers
     import transformers
@@ -719,9 +914,11 @@ def main() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    repeats = 1 if args.quick else 2
+    repeats = {"sampling": 2 if args.quick else 3, "forward": 3 if args.quick else 7,
+               "loops": 1 if args.quick else 2, "conv": 3 if args.quick else 7,
+               "training": 3 if args.quick else 5}  # fmt: skip
+    only = {x for x in args.only.split(",") if x}
     torch.set_grad_enabled(True)
-    load = {"start": os.getloadavg()}
     t0 = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -739,9 +936,18 @@ def main() -> None:
 
     report = {
         "benchmark": "bench-karlo-small (shared/BENCHMARKS.md), random weights, float32, CPU",
-        "machine": machine() | {"loadavg_1_5_15": load},
+        "machine": machine(),
         "repeats": repeats,
+        "load_limit": harness.LOAD_LIMIT,
+        "foreign_cores_limit": harness.FOREIGN_LIMIT,
         "notes": [
+            "Timing rules (benchmarks/harness.py): each timed section starts only once the"
+            " 1-minute load average is <= load_limit (`gate`); the two sides' repeats alternate;"
+            " a repeat during which other processes used more than foreign_cores_limit cores"
+            " (/proc/stat busy time minus this process's CPU time) is dropped; min and median"
+            " of the valid repeats; torch_over_jax = ratio of medians (> 1: ours faster)."
+            " Compile time (tracing + lowering + XLA, from jax.monitoring) is reported apart"
+            " and never inside a timed repeat. The persistent compilation cache is off.",
             "Reference = diffusers UnCLIPPipeline (deprecated.unclip), components loaded from the"
             " saved folder; per-stage times from its progress-bar hooks; the gap before a loop"
             " counts to that stage (text projection -> decoder, bicubic upscale -> super_res).",
@@ -755,34 +961,66 @@ def main() -> None:
         ],
     }
 
+    if only and args.out.exists():  # a partial rerun updates the sections it ran
+        previous = json.loads(args.out.read_text())
+        report = previous | {k: v for k, v in report.items() if k != "repeats"}
+        report["diagnosis"] = previous.get("diagnosis", {})
+
     def write(**parts) -> None:
         # Written after each phase, so that a run cut short still leaves its numbers.
         report.update(parts, wall_s=time.perf_counter() - t0)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1, default=float))
+        args.out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+
+    def wanted(name):
+        return not only or name in only
 
     text, empty = ours.text(PROMPTS)
     calls = denoiser_agreement(ours, pipe, text, empty)
     print("one call per network, max rel diff:", {k: f"{v:.1e}" for k, v in calls.items()})
     write(denoiser_agreement_max_rel_diff=calls)
-    sampling = bench_sampling(ours, pipe, repeats)
-    load["after_sampling"] = os.getloadavg()
-    write(sampling=sampling)
-    for s in sampling["stages"]:
-        print(
-            f"{s['stage']:>10}  jax {s['jax_s'] * 1e3:9.1f} ms  torch {s['torch_s'] * 1e3:9.1f} "
-            f"ms  torch/jax {s['torch_over_jax']:5.2f}  compile {s['jax_compile_s_approx']:.1f} s"
-        )
-    print("chain agreement:", sampling["chain_agreement"], flush=True)
-    training = bench_training(ours, pipe, text, empty, repeats)
-    load["end"] = os.getloadavg()
-    write(training=training)
-    print(
-        f"train step  jax {training['jax_step_s'] * 1e3:.0f} ms  torch "
-        f"{training['torch_step_s'] * 1e3:.0f} ms  torch/jax {training['torch_over_jax']:.2f}  "
-        f"compile {training['jax_compile_s']:.1f} s  {training['agreement_fixed_inputs']}"
-    )
+    diagnosis = report.get("diagnosis", {})
+    if wanted("forward"):
+        diagnosis["decoder_forward"] = bench_decoder_forward(ours, pipe, text, empty,
+                                                             repeats["forward"])  # fmt: skip
+        print("decoder forward:", _brief(diagnosis["decoder_forward"]), flush=True)
+        write(diagnosis=diagnosis)
+    if wanted("conv"):
+        diagnosis["convolutions"] = bench_convolutions(repeats["conv"])
+        for c in diagnosis["convolutions"]["shapes"]:
+            print("conv", c["shape_nhwc"], _brief(c), flush=True)
+        write(diagnosis=diagnosis)
+    if wanted("loops"):
+        diagnosis["decoder_loops"] = bench_decoder_loops(ours, text, empty, repeats["loops"])
+        print("decoder loops:", diagnosis["decoder_loops"]["per_step_s"], flush=True)
+        write(diagnosis=diagnosis)
+    sampling = training = None
+    if wanted("sampling"):
+        sampling = bench_sampling(ours, pipe, repeats["sampling"])
+        write(sampling=sampling)
+        for s in sampling["stages"]:
+            print(f"{s['stage']:>10}  {_brief(s)}")
+        print("chain agreement:", sampling["chain_agreement"], flush=True)
+    if wanted("training"):
+        training = bench_training(ours, pipe, text, empty, repeats["training"])
+        write(training=training)
+        print(f"train step  {_brief(training)}  compile {training['jax_compile_s']:.1f} s  "
+              f"{training['agreement_fixed_inputs']}")  # fmt: skip
+    if sampling and training:
+        write(targets=targets(sampling, training))
+        print("targets:", report["targets"])
     print(f"wrote {args.out} in {report['wall_s']:.0f} s")
+
+
+def _brief(r: dict) -> str:
+    def ms(side):
+        m = r[side]["median_s"]
+        return "-" if m is None else f"{m * 1e3:.1f} ms (util {r[side]['cpu_util']})"
+
+    ratio = r.get("torch_over_jax")
+    return f"jax {ms('jax')}  torch {ms('torch')}  torch/jax " + (
+        "-" if ratio is None else f"{ratio:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 The same network on both sides (the toy demo's residual MLP, hidden 256, depth 3, random weights
 copied from Flax into an equivalent torch module), the same classifier-free guidance batching
 (one 2B forward pass per step), float32 on the CPU. Per configuration it reports the JAX compile
-time, the steady-state time per sampling call on each side (median of repeats), their ratio, and the
-largest difference between the two outputs (both run the same math, so it is a parity check too).
+time, the steady-state time per sampling call on each side (min and median of interleaved
+repeats under benchmarks/harness.py's load rules), their ratio, and the largest difference
+between the two outputs (both run the same math, so it is a parity check too).
 Results: benchmarks/results/samplers_cpu.json.
 """
 
@@ -16,17 +17,17 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import time
 
 import flax.linen as nn
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from unclip_jax import diffusion
+from unclip_jax import compile_cache, diffusion
 from unclip_jax.demo.toy2d import ToyDenoiser
 
 OUT = pathlib.Path(__file__).parent / "results" / "samplers_cpu.json"
@@ -78,15 +79,6 @@ def torch_guided_eps(net, x, t, labels, null, scale):
     return eps_u + scale[:, None] * (eps_c - eps_u)
 
 
-def time_call(fn, repeats=REPEATS):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench(kind: str, batch: int, params, net) -> dict:
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal((batch, 2)).astype(np.float32)
@@ -133,21 +125,25 @@ def bench(kind: str, batch: int, params, net) -> dict:
                 x = sched.step(eps, t, x, **step_kw).prev_sample
         return x
 
+    before = compile_cache.stats()
     start = time.perf_counter()
     ours = np.asarray(run_jax())
     first = time.perf_counter() - start
-    jax_s = time_call(run_jax)
-    theirs = run_torch().numpy()
-    torch_s = time_call(run_torch)
+    compile_s = sum(compile_cache.stats()[k] - before[k] for k in ("trace_s", "lower_s",
+                                                                    "backend_s"))  # fmt: skip
+    theirs = run_torch().numpy()  # warm-up
+    gate = harness.quiet_gate(f"{kind} batch {batch}")
+    timed = harness.interleave({"jax": run_jax, "torch": run_torch}, REPEATS)
     return {
         "sampler": kind,
         "batch": batch,
         "steps": int(table.num_timesteps),
+        "gate": gate,
+        "valid": harness.section_valid(gate, *timed.values()),
         "jax_first_call_s": first,
-        "jax_compile_s_approx": first - jax_s,
-        "jax_s": jax_s,
-        "torch_s": torch_s,
-        "torch_over_jax": torch_s / jax_s,
+        "jax_compile_s": compile_s,
+        **timed,
+        "torch_over_jax": harness.ratio(timed["torch"], timed["jax"]),
         "max_abs_diff": float(np.abs(ours - theirs).max()),
         "max_abs_output": float(np.abs(theirs).max()),
         # Unclamped DPM samples of a random network reach ~1e5; compare relative to that.
@@ -199,12 +195,10 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=1))
     for r in results:
-        print(
-            f"{r['sampler']:>7} B={r['batch']:<5} jax {r['jax_s'] * 1e3:8.1f} ms  "
-            f"torch {r['torch_s'] * 1e3:8.1f} ms  torch/jax {r['torch_over_jax']:5.2f}  "
-            f"compile {r['jax_compile_s_approx']:.2f} s  max rel diff {r['max_rel_diff']:.1e}"
-        )
-    print(f"wrote {OUT}")
+        ratio = r["torch_over_jax"]
+        print(f"{r['sampler']:>7} B={r['batch']:<5} jax {r['jax']['median_s']} s  torch "
+              f"{r['torch']['median_s']} s  torch/jax {ratio}  compile {r['jax_compile_s']:.2f} s"
+              f"  max rel diff {r['max_rel_diff']:.1e}  valid {r['valid']}")  # fmt: skip
 
 
 if __name__ == "__main__":

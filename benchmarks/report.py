@@ -1,0 +1,141 @@
+"""Rewrite the README's benchmark tables from benchmarks/results/*.json (run by `make bench`).
+
+Each table lives between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in README.md; a
+missing JSON leaves its table as it is. Numbers are never typed into the README by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _s(x, unit="s") -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.0f} ms" if unit == "ms" or x < 1.0 else f"{x:.2f} s"
+
+
+def _side(side: dict) -> str:
+    return f"{_s(side['median_s'])} ({_s(side['min_s'])})"
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _validity(record: dict) -> str:
+    gate = record.get("gate", {})
+    load = gate.get("load_1min_before")
+    return ("yes" if record.get("valid") else "**no**") + (f", load {load}" if load is not None
+                                                           else "")  # fmt: skip
+
+
+def karlo_small(d: dict) -> str:
+    rows = ["| measurement | unclip-jax median (min) | diffusers + torch median (min) | "
+            "torch / jax | goal | JAX compile | valid, load before |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    goals = {k: v["goal"] for k, v in d.get("targets", {}).items()}
+    sampling = d.get("sampling")
+    if sampling:
+        for s in sampling["stages"]:
+            if s["stage"] == "text":
+                continue
+            name = ("sampling end to end, batch 4" if s["stage"] == "end_to_end"
+                    else f"{s['stage']} stage, {s['steps']} steps")  # fmt: skip
+            compile_s = f"{sampling['jax_compile_s']:.0f} s (all stages)" if s["stage"] == (
+                "end_to_end") else ""  # fmt: skip
+            rows.append(f"| {name} | {_side(s['jax'])} | {_side(s['torch'])} | "
+                        f"{_ratio(s['torch_over_jax'])} | {goals.get(s['stage'], '-')} | "
+                        f"{compile_s} | {_validity(sampling)} |")  # fmt: skip
+    t = d.get("training")
+    if t:
+        rows.append(f"| decoder train step, batch 8 at 64 px | {_side(t['jax'])} | "
+                    f"{_side(t['torch'])} | {_ratio(t['torch_over_jax'])} | "
+                    f"{goals.get('train_step', '-')} | {t['jax_compile_s']:.0f} s | "
+                    f"{_validity(t)} |")  # fmt: skip
+    diag = d.get("diagnosis", {})
+    f = diag.get("decoder_forward")
+    if f:
+        rows.append(f"| diagnosis: one decoder forward, batch 8 | {_side(f['jax'])} | "
+                    f"{_side(f['torch'])} | {_ratio(f['torch_over_jax'])} | | "
+                    f"{f['jax_compile_s']:.0f} s | {_validity(f)} |")  # fmt: skip
+    loops = diag.get("decoder_loops")
+    if loops:
+        per = loops["per_step_s"]
+        rows.append(f"| diagnosis: decoder, 25 steps as one `fori_loop` / as a Python loop of "
+                    f"jitted steps | {_side(loops['fori_loop'])} / "
+                    f"{_side(loops['python_loop'])}; per step {_s(per['fori_loop'])} / "
+                    f"{_s(per['python_loop'])} | | | | "
+                    f"{loops['jax_compile_s']['fori_loop']:.0f} s / "
+                    f"{loops['jax_compile_s']['single_step']:.0f} s | "
+                    f"{_validity(loops)} |")  # fmt: skip
+    conv = diag.get("convolutions")
+    if conv:
+        for c in conv["shapes"]:
+            b, h, w, ch = c["shape_nhwc"]
+            rows.append(f"| diagnosis: 3x3 conv [{b}, {h}, {w}, {ch}], CPU use jax / torch "
+                        f"{c['jax']['cpu_util']} / {c['torch']['cpu_util']} cores | "
+                        f"{_s(c['jax']['median_s'], 'ms')} | {_s(c['torch']['median_s'], 'ms')}"
+                        f" | {_ratio(c['torch_over_jax'])} | | | {_validity(conv)} |")  # fmt: skip
+    m = d.get("machine", {})
+    head = (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores; jax {m.get('jax')}, torch "
+            f"{m.get('torch')}, diffusers {m.get('diffusers')}; float32; repeats "
+            f"{d.get('repeats')}; `benchmarks/results/karlo_small_cpu.json`")  # fmt: skip
+    return head + "\n\n" + "\n".join(rows)
+
+
+def samplers(d: dict) -> str:
+    rows = ["| sampler | batch | unclip-jax median (min) | diffusers + torch median (min) | "
+            "torch / jax | compile (jax) | max rel. diff | valid, load before |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    names = {"ddim50": "DDIM, 50 steps", "dpm20": "DPM-Solver++(2M), 20 steps"}
+    for r in d["results"]:
+        if "jax" not in r:  # an old-format record
+            continue
+        rows.append(f"| {names.get(r['sampler'], r['sampler'])} | {r['batch']} | "
+                    f"{_side(r['jax'])} | {_side(r['torch'])} | {_ratio(r['torch_over_jax'])} | "
+                    f"{r['jax_compile_s']:.1f} s | {r['max_rel_diff']:.0e} | "
+                    f"{_validity(r)} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def scale_plan(d: dict) -> str:
+    md = (RESULTS / "scale_plan.md").read_text()
+    body = md.split("\n## Method and limits")[0].split("\n", 2)[2].strip()  # drop the title
+    return body + "\n\nMethod and limits: `benchmarks/results/scale_plan.md`."
+
+
+TABLES = {"karlo_small": ("karlo_small_cpu.json", karlo_small),
+          "samplers": ("samplers_cpu.json", samplers),
+          "scale_plan": ("scale_plan.json", scale_plan)}  # fmt: skip
+
+
+def rewrite(readme: str) -> tuple[str, list[str]]:
+    done = []
+    for name, (file, render) in TABLES.items():
+        path = RESULTS / file
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        if not path.exists() or not pattern.search(readme):
+            continue
+        table = render(json.loads(path.read_text()))
+        readme = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), readme)
+        done.append(name)
+    return readme, done
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text, done = rewrite(readme.read_text())
+    readme.write_text(text)
+    print(f"README.md: rewrote {', '.join(done) or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
