@@ -111,8 +111,26 @@ def scale_plan(d: dict) -> str:
     return body + "\n\nMethod and limits: `benchmarks/results/scale_plan.md`."
 
 
+def compile_cache(d: dict) -> str:
+    rows = ["| process | programs | cache hits | compile s (trace + lower + XLA or cache read) | "
+            "of which XLA / cache read | wall s |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for p in d["processes"]:
+        c = p["compile"]
+        rows.append(
+            f"| {p['process']} | {c['compilations']} | {c['cache_hits']} | "
+            f"{p['compile_s']:.1f} | {c['backend_s']:.1f} | {p['wall_s']:.0f} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\nSecond process / first: "
+        f"{d['second_over_first_compile']:.3f} of the compile time "
+        f"({d['second_over_first_backend']:.3f} of XLA's part; goal < 0.10); "
+        f"{d['decoder_steps']} decoder steps; cache {d['cache_bytes'] / 1e6:.0f} MB."
+    )
+
+
 TABLES = {"karlo_small": ("karlo_small_cpu.json", karlo_small),
           "samplers": ("samplers_cpu.json", samplers),
+          "compile_cache": ("compile_cache_cpu.json", compile_cache),
           "scale_plan": ("scale_plan.json", scale_plan)}  # fmt: skip
 
 

@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", default="1,2", help="two or more per-device batches")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per compilation")
     parser.add_argument("--in-process", action="store_true", help="compile in this process")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the successful runs already in --out and compile the rest")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, JSON out
     return parser.parse_args(argv)
 
@@ -523,6 +525,12 @@ def markdown(result: dict) -> str:
         lines += ["", "Failed compilations:", ""]
         lines += [f"- {r['model']} {r['layout']} remat={r['remat']} batch {r['per_device_batch']}: "
                   f"{r['error']}" for r in failures]  # fmt: skip
+    done = {(r["model"], r["layout"], r["remat"], r["per_device_batch"]) for r in result["runs"]}
+    pending = [run for run in result.get("planned", []) if tuple(run) not in done]
+    if pending:
+        lines += ["", f"Not compiled yet ({len(pending)} of {len(result['planned'])} planned "
+                  "runs; the plan was cut short and resumes nothing by itself):", ""]  # fmt: skip
+        lines += [f"- {m} {layout} remat={remat} batch {b}" for m, layout, remat, b in pending]
     lines += ["", "## Method and limits", "", *NOTES]
     return "\n".join(lines) + "\n"
 
@@ -586,7 +594,14 @@ def main(args: argparse.Namespace) -> dict:
         "cost_analysis_probe": cost_analysis_is_per_device(mesh), "runs": [],
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    for run in runs_of(names, batches, devices):
+    planned = runs_of(names, batches, devices)
+    result["planned"] = [list(run) for run in planned]
+    if args.resume and out.exists():
+        result["runs"] = [r for r in json.loads(out.read_text())["runs"] if r["status"] == "ok"]
+    kept = {(r["model"], r["layout"], r["remat"], r["per_device_batch"]) for r in result["runs"]}
+    for run in planned:
+        if run in kept:
+            continue
         print(f"compiling {run} ...", flush=True)
         if args.in_process:
             try:

@@ -15,9 +15,12 @@ Where the cache lives, first match wins:
 4. `$XDG_CACHE_HOME/unclip-jax/jax`, else `~/.cache/unclip-jax/jax`.
 
 Executables are keyed by JAX on the program, the compile options, the backend and the jax/jaxlib
-versions, so a cache shared across versions or machines never serves a stale program. JAX only
-writes compilations that took longer than `jax_persistent_cache_min_compile_time_secs` (1 s by
-default), so small jits stay in memory. As JAX warns, the cache is trusted code: do not point it
+versions, so a cache shared across versions or machines never serves a stale program. `enable`
+also lowers JAX's `jax_persistent_cache_min_compile_time_secs` from its default 1 s to 0 (unless
+the user set it, in JAX's config or `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`): a sampling
+run is dozens of programs under a second each (stage setup, guidance, decoding), which together
+cost more than the one big loop (benchmarks/results/compile_cache_cpu.json), and a cache read of
+a small program takes milliseconds. As JAX warns, the cache is trusted code: do not point it
 at a folder others can write. A cache that cannot be written (read-only disk) costs a warning
 from JAX and nothing else; sampling goes on.
 """
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 ENV = "UNCLIP_JAX_COMPILATION_CACHE"
 _OFF = {"", "0", "off", "false", "no", "none"}
+_MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+_JAX_MIN_COMPILE_DEFAULT = 1.0
 _ours: str | None = None  # the folder this module set, so that enable(False) can undo it
 
 
@@ -76,6 +81,9 @@ def enable(path: str | os.PathLike | bool | None = None) -> pathlib.Path | None:
         log.warning("compilation cache off: cannot create %s (%s)", folder, err)
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
+    if (jax.config.jax_persistent_cache_min_compile_time_secs == _JAX_MIN_COMPILE_DEFAULT
+            and _MIN_COMPILE_ENV not in os.environ):  # fmt: skip
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     _ours = str(folder)
     log.info("persistent compilation cache: %s", folder)
     return folder
@@ -95,9 +103,14 @@ _COUNTS = {
 _stats = dict.fromkeys(["compilations", "cache_hits"], 0) | dict.fromkeys(_DURATIONS.values(), 0.0)
 
 
-def _on_duration(event: str, seconds: float, **_) -> None:
+_by_function: dict[str, float] = {}  # trace + lowering + backend seconds per jitted function
+
+
+def _on_duration(event: str, seconds: float, fun_name: str | None = None, **_) -> None:
     if event in _DURATIONS:
         _stats[_DURATIONS[event]] += seconds
+        name = fun_name or "?"
+        _by_function[name] = _by_function.get(name, 0.0) + seconds
     if event in _COUNTS:
         _stats[_COUNTS[event]] += 1
 
@@ -114,5 +127,7 @@ jax.monitoring.register_event_listener(_on_event)
 def stats() -> dict:
     """Since this process started: `compilations` (programs handed to XLA's backend, persistent
     cache hits included), `cache_hits`, and seconds spent tracing (`trace_s`), lowering to MLIR
-    (`lower_s`) and in the backend (`backend_s`: XLA's compile, or the cache's read on a hit)."""
-    return dict(_stats)
+    (`lower_s`) and in the backend (`backend_s`: XLA's compile, or the cache's read on a hit);
+    `slowest`: the five functions that cost the most of these seconds, [name, seconds]."""
+    slowest = sorted(_by_function.items(), key=lambda item: -item[1])[:5]
+    return dict(_stats) | {"slowest": [[name, round(sec, 3)] for name, sec in slowest]}
