@@ -37,8 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", default="1,2", help="two or more per-device batches")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per compilation")
     parser.add_argument("--in-process", action="store_true", help="compile in this process")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the successful runs already in --out and compile the rest")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the successful runs already in --out and compile the rest",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, JSON out
     return parser.parse_args(argv)
 
