@@ -646,6 +646,91 @@ def bench_convolutions(repeats: int, calls: int = 10) -> dict:
     }
 
 
+# The decoder's attention at train batch 8: (spatial size, heads); head dim 32, and the added
+# key/values of the 77 text tokens + 4 extra context tokens (SimpleCrossAttn).
+ATTENTION_SHAPES = [(32, 4), (16, 6), (8, 8)]
+CONTEXT_TOKENS = 81
+
+
+def bench_train_kernels(repeats: int, calls: int = 3) -> dict:
+    """The train step's two big kernels forward + backward at the decoder's train-batch shapes:
+    3x3 convolutions (gradients for input and kernel) and attention (gradients for q, k, v),
+    XLA's against torch's (oneDNN convolutions, scaled_dot_product_attention as diffusers
+    calls it), each side's CPU utilisation beside it."""
+    g = np.random.default_rng(1)
+    gate = harness.quiet_gate("train kernels")
+    rows = []
+
+    def add(kind, shape, mine, theirs, gflop=None):
+        mine(), theirs()
+        result = harness.interleave({"jax": mine, "torch": theirs}, repeats)
+        for side in result.values():
+            for key in ("min_s", "median_s"):
+                side[key] = side[key] / calls if side[key] else None
+        rows.append({"kernel": kind, "shape": shape, "gflop": gflop, **result,
+                     "torch_over_jax": harness.ratio(result["torch"], result["jax"])})  # fmt: skip
+
+    def torch_backward(fn, tensors):
+        def run():
+            for _ in range(calls):
+                for t in tensors:
+                    t.grad = None
+                fn(*tensors).square().sum().backward()
+            return tensors[0].grad
+
+        return run
+
+    for size, ch in CONV_SHAPES:
+        x = g.standard_normal((TRAIN_BATCH, size, size, ch)).astype(np.float32)
+        w = (g.standard_normal((3, 3, ch, ch)) * 0.05).astype(np.float32)
+
+        def loss(x, w):
+            y = jax.lax.conv_general_dilated(
+                x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+            return jnp.sum(y * y)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        xj, wj = jnp.asarray(x), jnp.asarray(w)
+
+        def mine(grad=grad, xj=xj, wj=wj):
+            for _ in range(calls):
+                out = grad(xj, wj)
+            return jax.block_until_ready(out)
+
+        tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
+        tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_()
+        gflop = 3 * 2 * TRAIN_BATCH * size * size * 9 * ch * ch / 1e9  # forward + two backward convs
+        add("conv3x3 fwd+bwd", [TRAIN_BATCH, size, size, ch], mine,
+            torch_backward(lambda a, b: F.conv2d(a, b, padding=1), [tx, tw]), gflop)  # fmt: skip
+
+    from unclip_jax.models.layers import attention
+
+    for size, heads in ATTENTION_SHAPES:
+        lq, lk, d = size * size, size * size + CONTEXT_TOKENS, 32
+        q = g.standard_normal((TRAIN_BATCH, lq, heads, d)).astype(np.float32)
+        k, v = (g.standard_normal((TRAIN_BATCH, lk, heads, d)).astype(np.float32) for _ in range(2))
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v) ** 2),
+                                argnums=(0, 1, 2)))  # fmt: skip
+        args = [jnp.asarray(a) for a in (q, k, v)]
+
+        def mine(grad=grad, args=args):
+            for _ in range(calls):
+                out = grad(*args)
+            return jax.block_until_ready(out)
+
+        tq, tk, tv = (torch.from_numpy(a).transpose(1, 2).contiguous().requires_grad_()
+                      for a in (q, k, v))  # fmt: skip
+        gflop = 3 * 2 * 2 * TRAIN_BATCH * heads * lq * lk * d / 1e9  # QK^T and PV, forward + 2x back
+        add("attention fwd+bwd", [TRAIN_BATCH, lq, lk, heads, d], mine,
+            torch_backward(F.scaled_dot_product_attention, [tq, tk, tv]), gflop)  # fmt: skip
+    return {
+        "gate": gate,
+        "calls_per_repeat": calls,
+        "rows": rows,
+        "valid": harness.section_valid(gate, *(r[k] for r in rows for k in ("jax", "torch"))),
+    }
+
+
 def capture_intermediates(pipe):
     """Hooks that keep the pipeline's image embeddings and clamped 64 px images; returns
     (store, remove)."""
@@ -916,7 +1001,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     repeats = {"sampling": 2 if args.quick else 3, "forward": 3 if args.quick else 7,
                "loops": 1 if args.quick else 2, "conv": 3 if args.quick else 7,
-               "training": 3 if args.quick else 5}  # fmt: skip
+               "training": 3 if args.quick else 5,
+               "train_kernels": 3 if args.quick else 5}  # fmt: skip
     only = {x for x in args.only.split(",") if x}
     torch.set_grad_enabled(True)
     t0 = time.perf_counter()
@@ -989,6 +1075,11 @@ def main() -> None:
         diagnosis["convolutions"] = bench_convolutions(repeats["conv"])
         for c in diagnosis["convolutions"]["shapes"]:
             print("conv", c["shape_nhwc"], _brief(c), flush=True)
+        write(diagnosis=diagnosis)
+    if wanted("train_kernels"):
+        diagnosis["train_kernels"] = bench_train_kernels(repeats["train_kernels"])
+        for r in diagnosis["train_kernels"]["rows"]:
+            print(r["kernel"], r["shape"], _brief(r), flush=True)
         write(diagnosis=diagnosis)
     if wanted("loops"):
         diagnosis["decoder_loops"] = bench_decoder_loops(ours, text, empty, repeats["loops"])

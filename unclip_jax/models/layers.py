@@ -175,12 +175,15 @@ def layer_norm(param_dtype: Dtype, epsilon: float = 1e-5, name: str | None = Non
     )
 
 
-# From this many logits per head (the 16x16 and 32x32 attention of a 64 px UNet), attention
-# on the CPU backend loops over (head, query block):
-# a [B, 128, Lk] block of logits stays in cache instead of streaming [B, N, Lq, Lk] through memory
-# five times (dot, mask, max, exp-sum, normalise). 2.4x faster at the decoder's 32x32 attention
-# (benchmarks/results/karlo_small_cpu.json, `diagnosis`). Accelerators keep the one-shot form.
-_CPU_BLOCK_LOGITS = 256 * 256
+# From this many logits per head, [B, Lq, Lk] (a batch of 8 at the 32x32 attention of a 64 px
+# UNet), attention on the CPU backend loops over (head, query block): a [B, 128, Lk] block of
+# logits stays in cache instead of streaming [B, N, Lq, Lk] through memory five times (dot,
+# mask, max, exp-sum, normalise). Forward at batch 8, head dim 32: 177 -> 73 ms at 1024 x 1105
+# logits and 49 -> 17 ms at 512 x 593, but 5.7 -> 16 ms at 256 x 337, where the dense form
+# fits in cache (the crossover lies between 0.7M and 2.3M logits per head; measured on the
+# development CPU, docs/architecture.md "Performance and compilation"). Accelerators keep the
+# one-shot form.
+_CPU_BLOCK_LOGITS = 2**20
 _CPU_QUERY_BLOCK = 128
 
 
@@ -226,7 +229,7 @@ def attention(q, k, v, mask=None, *, implementation: str | None = None):
     """
     lq, lk = q.shape[1], k.shape[1]
     if implementation is None:
-        large = lq * lk >= _CPU_BLOCK_LOGITS and lq % _CPU_QUERY_BLOCK == 0
+        large = q.shape[0] * lq * lk >= _CPU_BLOCK_LOGITS and lq % _CPU_QUERY_BLOCK == 0
         implementation = "blocked" if large and jax.default_backend() == "cpu" else "dense"
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     if implementation == "blocked":
