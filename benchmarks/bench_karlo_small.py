@@ -699,7 +699,7 @@ def bench_train_kernels(repeats: int, calls: int = 3) -> dict:
 
         tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
         tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_()
-        gflop = 3 * 2 * TRAIN_BATCH * size * size * 9 * ch * ch / 1e9  # forward + two backward convs
+        gflop = 3 * 2 * TRAIN_BATCH * size * size * 9 * ch * ch / 1e9  # fwd + 2 bwd convs
         add("conv3x3 fwd+bwd", [TRAIN_BATCH, size, size, ch], mine,
             torch_backward(lambda a, b: F.conv2d(a, b, padding=1), [tx, tw]), gflop)  # fmt: skip
 
@@ -720,7 +720,7 @@ def bench_train_kernels(repeats: int, calls: int = 3) -> dict:
 
         tq, tk, tv = (torch.from_numpy(a).transpose(1, 2).contiguous().requires_grad_()
                       for a in (q, k, v))  # fmt: skip
-        gflop = 3 * 2 * 2 * TRAIN_BATCH * heads * lq * lk * d / 1e9  # QK^T and PV, forward + 2x back
+        gflop = 3 * 2 * 2 * TRAIN_BATCH * heads * lq * lk * d / 1e9  # QK^T, PV: fwd + 2x bwd
         add("attention fwd+bwd", [TRAIN_BATCH, lq, lk, heads, d], mine,
             torch_backward(F.scaled_dot_product_attention, [tq, tk, tv]), gflop)  # fmt: skip
     return {

@@ -83,6 +83,16 @@ def karlo_small(d: dict) -> str:
                         f"{c['jax']['cpu_util']} / {c['torch']['cpu_util']} cores | "
                         f"{_s(c['jax']['median_s'], 'ms')} | {_s(c['torch']['median_s'], 'ms')}"
                         f" | {_ratio(c['torch_over_jax'])} | | | {_validity(conv)} |")  # fmt: skip
+    kernels = diag.get("train_kernels")
+    if kernels:
+        for r in kernels["rows"]:
+            shape = ", ".join(map(str, r["shape"]))
+            what = "[B, H, W, C]" if r["kernel"].startswith("conv") else "[B, Lq, Lk, heads, D]"
+            rows.append(f"| diagnosis: {r['kernel']} {what} = [{shape}], CPU use jax / torch "
+                        f"{r['jax']['cpu_util']} / {r['torch']['cpu_util']} cores | "
+                        f"{_s(r['jax']['median_s'], 'ms')} | "
+                        f"{_s(r['torch']['median_s'], 'ms')} | {_ratio(r['torch_over_jax'])} | "
+                        f"| | {_validity(kernels)} |")  # fmt: skip
     m = d.get("machine", {})
     head = (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores; jax {m.get('jax')}, torch "
             f"{m.get('torch')}, diffusers {m.get('diffusers')}; float32; repeats "

@@ -532,7 +532,8 @@ def markdown(result: dict) -> str:
     pending = [run for run in result.get("planned", []) if tuple(run) not in done]
     if pending:
         lines += ["", f"Not compiled yet ({len(pending)} of {len(result['planned'])} planned "
-                  "runs; the plan was cut short and resumes nothing by itself):", ""]  # fmt: skip
+                  "runs; the plan was cut short, `scale_plan.py --resume` compiles the rest):",
+                  ""]  # fmt: skip
         lines += [f"- {m} {layout} remat={remat} batch {b}" for m, layout, remat, b in pending]
     lines += ["", "## Method and limits", "", *NOTES]
     return "\n".join(lines) + "\n"
