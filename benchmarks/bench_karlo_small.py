@@ -515,8 +515,10 @@ def decoder_inputs(ours: Ours, text, empty, seed: int = 5):
     return cond, both, x, t
 
 
-def bench_decoder_forward(ours: Ours, pipe, text, empty, repeats: int) -> dict:
-    """One decoder forward (text projection + UNet) at batch 8 = cond + null of 4 prompts."""
+def decoder_forward_calls(ours: Ours, pipe, text, empty) -> dict:
+    """One decoder forward (text projection + UNet) at batch 8 = cond + null of 4 prompts, as
+    {"jax": call, "torch": call} plus its compile seconds, XLA FLOPs and the two outputs' max
+    relative difference (both sides warmed up)."""
     _, both, x, t = decoder_inputs(ours, text, empty)
     before = compile_cache.stats()
     forward = jax.jit(ours.fns["decoder"]).lower(ours.decoder_params, x, t, both).compile()
@@ -542,12 +544,18 @@ def bench_decoder_forward(ours: Ours, pipe, text, empty, repeats: int) -> dict:
         return jax.block_until_ready(forward(ours.decoder_params, x, t, both))
 
     diff = rel_err(mine(), swap(theirs()).numpy().transpose(0, 2, 3, 1))  # also the warm-up
+    return {"jax": mine, "torch": theirs, "jax_compile_s": compile_s,
+            "xla_flops": cost.get("flops"), "max_rel_diff": diff, "compiled": forward}  # fmt: skip
+
+
+def bench_decoder_forward(ours: Ours, pipe, text, empty, repeats: int) -> dict:
+    calls = decoder_forward_calls(ours, pipe, text, empty)
     gate = harness.quiet_gate("decoder_forward")
-    result = harness.interleave({"jax": mine, "torch": theirs}, repeats)
+    result = harness.interleave({k: calls[k] for k in ("jax", "torch")}, repeats)
     return {"gate": gate, "valid": harness.section_valid(gate, *result.values()),
-            "batch": 2 * BATCH, "jax_compile_s": compile_s, **result,
+            "batch": 2 * BATCH, "jax_compile_s": calls["jax_compile_s"], **result,
             "torch_over_jax": harness.ratio(result["torch"], result["jax"]),
-            "xla_flops": cost.get("flops"), "max_rel_diff": diff}  # fmt: skip
+            "xla_flops": calls["xla_flops"], "max_rel_diff": calls["max_rel_diff"]}  # fmt: skip
 
 
 def _single_step(model_fn, table, params, x, i, rng, cond, null, scale):
@@ -839,7 +847,10 @@ def torch_cond(batch, drop_image, drop_text, empty) -> dict:
     return cond
 
 
-def bench_training(ours: Ours, pipe, text, empty, repeats: int) -> dict:
+def training_calls(ours: Ours, pipe, text, empty) -> dict:
+    """One decoder train step on each side, {"jax": call, "torch": call} (both warmed up), its
+    compile seconds, the compiled step, the agreement at fixed inputs, and `done()` to put the
+    torch modules back in eval mode."""
     g = np.random.default_rng(7)
     batch = train_batch(g, text, empty)
     table = diffusion.create_diffusion("cosine", 1000, var_type="learned_range",
@@ -925,17 +936,27 @@ def bench_training(ours: Ours, pipe, text, empty, repeats: int) -> dict:
         return loss.item()
 
     torch_step()  # warm-up (allocator, AdamW state)
+
+    def done():
+        for m in modules:
+            m.eval()
+
+    return {"jax": jax_step, "torch": torch_step, "jax_compile_s": compile_s,
+            "compiled": compiled, "agreement": agreement, "box": box, "done": done}  # fmt: skip
+
+
+def bench_training(ours: Ours, pipe, text, empty, repeats: int) -> dict:
+    calls = training_calls(ours, pipe, text, empty)
     gate = harness.quiet_gate("training")
-    result = harness.interleave({"jax": jax_step, "torch": torch_step}, repeats)
-    for m in modules:
-        m.eval()
+    result = harness.interleave({k: calls[k] for k in ("jax", "torch")}, repeats)
+    calls["done"]()
     return {
         "gate": gate, "valid": harness.section_valid(gate, *result.values()),
         "batch": TRAIN_BATCH, "image_size": 64, "optimizer": OPTIM,
-        "jax_compile_s": compile_s, **result,
+        "jax_compile_s": calls["jax_compile_s"], **result,
         "torch_over_jax": harness.ratio(result["torch"], result["jax"]),
-        "jax_loss_last": float(box["metrics"]["loss"]),
-        "agreement_fixed_inputs": agreement,
+        "jax_loss_last": float(calls["box"]["metrics"]["loss"]),
+        "agreement_fixed_inputs": calls["agreement"],
     }  # fmt: skip
 
 

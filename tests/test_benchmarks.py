@@ -67,3 +67,31 @@ def test_report_rewrites_only_marked_tables(report, tmp_path, monkeypatch):
     assert "yes, load 0.3" in text and text.endswith("<!-- /bench:samplers -->\nend\n")
     # Tables without JSON, and JSON without markers, are left alone.
     assert report.rewrite("no markers\n") == ("no markers\n", [])
+
+
+def test_profile_attributes_self_time_and_fusions_by_kind():
+    _load("harness")  # imported by the profiler as a sibling module
+    profile = _load("profile_karlo_small")
+    # Nesting on one thread: a loop (other) holding a convolution and a fusion; a second thread.
+    known = {"while.1": "other", "conv.2": "convolution", "fusion.3": "elementwise"}
+    events = [{"ph": "X", "name": "while.1", "ts": 0, "dur": 100, "pid": 1, "tid": 1},
+              {"ph": "X", "name": "conv.2", "ts": 10, "dur": 50, "pid": 1, "tid": 1},
+              {"ph": "X", "name": "fusion.3", "ts": 70, "dur": 20, "pid": 1, "tid": 1},
+              {"ph": "X", "name": "conv.2", "ts": 0, "dur": 30, "pid": 1, "tid": 2},
+              {"ph": "X", "name": "$python frame", "ts": 0, "dur": 999, "pid": 1, "tid": 1},
+              {"ph": "i", "name": "conv.2", "ts": 5, "pid": 1, "tid": 1}]  # fmt: skip
+    totals = profile.self_times(events, known)
+    assert totals == pytest.approx({"other": 30e-6, "convolution": 80e-6, "elementwise": 20e-6})
+
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, w, m):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        return jnp.sum(jnp.tanh(y.reshape(2, -1) @ m))
+
+    args = (jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), jnp.ones((256, 3)))
+    kinds = profile.hlo_kinds(jax.jit(f).lower(*args).compile().as_text())
+    assert {"convolution", "matmul", "transcendental"} <= set(kinds.values())
+    assert set(kinds.values()) <= set(profile.KINDS)
