@@ -138,7 +138,34 @@ def compile_cache(d: dict) -> str:
     )
 
 
+def profile(d: dict) -> str:
+    kinds = d["kinds"]
+    rows = ["| kind | " + " | ".join(f"{part.replace('_', ' ')}: jax / torch s"
+                                     for part in d["parts"]) + " |",
+            "|---|" + "---|" * len(d["parts"])]  # fmt: skip
+    for kind in kinds + ["total (op time)", "wall per call"]:
+        cells = []
+        for part in d["parts"].values():
+            j, t = part["jax"], part["torch"]
+            if kind == "total (op time)":
+                a, b = j["op_s_per_call"], t["op_s_per_call"]
+            elif kind == "wall per call":
+                a, b = j["wall_s_per_call"], t["wall_s_per_call"]
+            else:
+                a, b = j["by_kind"].get(kind, 0.0), t["by_kind"].get(kind, 0.0)
+            cells.append(f"{a:.2f} / {b:.2f}")
+        if any(c != "0.00 / 0.00" for c in cells):
+            rows.append(f"| {kind} | " + " | ".join(cells) + " |")
+    gates = ", ".join(f"{k}: {_validity(v)}" for k, v in d["parts"].items())
+    return (
+        "\n".join(rows) + f"\n\n{d['calls']} profiled calls per side; valid, load before: "
+        f"{gates}; `benchmarks/results/profile_karlo_small_cpu.json` (also the 15 slowest XLA "
+        "operations with the JAX operation each came from)."
+    )
+
+
 TABLES = {"karlo_small": ("karlo_small_cpu.json", karlo_small),
+          "profile": ("profile_karlo_small_cpu.json", profile),
           "samplers": ("samplers_cpu.json", samplers),
           "compile_cache": ("compile_cache_cpu.json", compile_cache),
           "scale_plan": ("scale_plan.json", scale_plan)}  # fmt: skip
