@@ -660,26 +660,33 @@ ATTENTION_SHAPES = [(32, 4), (16, 6), (8, 8)]
 CONTEXT_TOKENS = 81
 
 
-def bench_train_kernels(repeats: int, calls: int = 3) -> dict:
+def bench_train_kernels(repeats: int, min_repeat_s: float = 0.4) -> dict:
     """The train step's two big kernels forward + backward at the decoder's train-batch shapes:
     3x3 convolutions (gradients for input and kernel) and attention (gradients for q, k, v),
     XLA's against torch's (oneDNN convolutions, scaled_dot_product_attention as diffusers
     calls it), each side's CPU utilisation beside it."""
     g = np.random.default_rng(1)
     gate = harness.quiet_gate("train kernels")
-    rows = []
+    rows, counts = [], []
 
     def add(kind, shape, mine, theirs, gflop=None):
-        mine(), theirs()
-        result = harness.interleave({"jax": mine, "torch": theirs}, repeats)
+        # Calls per repeat: enough for min_repeat_s on the slower side, so that a repeat is long
+        # enough for the foreign-load check to be meaningful (short repeats read as noise).
+        mine(1), theirs(1)
+        start = time.perf_counter()
+        mine(1), theirs(1)
+        calls = max(3, math.ceil(min_repeat_s / (time.perf_counter() - start) * 2))
+        counts.append(calls)
+        result = harness.interleave({"jax": lambda: mine(calls), "torch": lambda: theirs(calls)},
+                                    repeats)  # fmt: skip
         for side in result.values():
             for key in ("min_s", "median_s"):
                 side[key] = side[key] / calls if side[key] else None
-        rows.append({"kernel": kind, "shape": shape, "gflop": gflop, **result,
+        rows.append({"kernel": kind, "shape": shape, "gflop": gflop, "calls": calls, **result,
                      "torch_over_jax": harness.ratio(result["torch"], result["jax"])})  # fmt: skip
 
     def torch_backward(fn, tensors):
-        def run():
+        def run(calls):
             for _ in range(calls):
                 for t in tensors:
                     t.grad = None
@@ -700,7 +707,7 @@ def bench_train_kernels(repeats: int, calls: int = 3) -> dict:
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
         xj, wj = jnp.asarray(x), jnp.asarray(w)
 
-        def mine(grad=grad, xj=xj, wj=wj):
+        def mine(calls, grad=grad, xj=xj, wj=wj):
             for _ in range(calls):
                 out = grad(xj, wj)
             return jax.block_until_ready(out)
@@ -721,7 +728,7 @@ def bench_train_kernels(repeats: int, calls: int = 3) -> dict:
                                 argnums=(0, 1, 2)))  # fmt: skip
         args = [jnp.asarray(a) for a in (q, k, v)]
 
-        def mine(grad=grad, args=args):
+        def mine(calls, grad=grad, args=args):
             for _ in range(calls):
                 out = grad(*args)
             return jax.block_until_ready(out)
@@ -733,7 +740,7 @@ def bench_train_kernels(repeats: int, calls: int = 3) -> dict:
             torch_backward(F.scaled_dot_product_attention, [tq, tk, tv]), gflop)  # fmt: skip
     return {
         "gate": gate,
-        "calls_per_repeat": calls,
+        "calls_per_repeat": counts,
         "rows": rows,
         "valid": harness.section_valid(gate, *(r[k] for r in rows for k in ("jax", "torch"))),
     }
