@@ -621,8 +621,7 @@ def bench_convolutions(repeats: int, calls: int = 10) -> dict:
     for size, ch in CONV_SHAPES:
         x = g.standard_normal((2 * BATCH, size, size, ch)).astype(np.float32)
         w = (g.standard_normal((3, 3, ch, ch)) * 0.05).astype(np.float32)
-        conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))  # fmt: skip
+        conv = jax.jit(conv3x3)
         xj, wj = jnp.asarray(x), jnp.asarray(w)
         tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
@@ -700,8 +699,7 @@ def bench_train_kernels(repeats: int, min_repeat_s: float = 0.4) -> dict:
         w = (g.standard_normal((3, 3, ch, ch)) * 0.05).astype(np.float32)
 
         def loss(x, w):
-            y = jax.lax.conv_general_dilated(
-                x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+            y = conv3x3(x, w)
             return jnp.sum(y * y)
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -1014,6 +1012,28 @@ def targets(sampling: dict, training: dict) -> dict:
     return out
 
 
+def build_both_sides():
+    """The random-weight Karlo folder built, loaded by diffusers and converted by us, in a
+    temporary folder: (pipe, ours, the schedulers' timestep grids)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp) / "karlo-small"
+        build_reference(folder)
+        pipe = load_reference(folder)
+        grids = {}
+        for name in STEPS:
+            scheduler = getattr(pipe, f"{name}_scheduler")
+            scheduler.set_timesteps(STEPS[name])
+            grids[name] = scheduler.timesteps.numpy().copy()
+        ours = Ours(folder, grids)
+    return pipe, ours, grids
+
+
+def conv3x3(x, w):
+    """A 'same' 3x3 NHWC convolution, as the UNets' `layers.conv` computes it."""
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (not for the README)")
@@ -1035,16 +1055,7 @@ def main() -> None:
     torch.set_grad_enabled(True)
     t0 = time.perf_counter()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = pathlib.Path(tmp) / "karlo-small"
-        build_reference(folder)
-        pipe = load_reference(folder)
-        grids = {}
-        for name in STEPS:
-            scheduler = getattr(pipe, f"{name}_scheduler")
-            scheduler.set_timesteps(STEPS[name])
-            grids[name] = scheduler.timesteps.numpy().copy()
-        ours = Ours(folder, grids)
+    pipe, ours, grids = build_both_sides()
     print(f"built and converted in {time.perf_counter() - t0:.0f} s; timesteps "
           f"{ {k: v.tolist() for k, v in grids.items()} }")  # fmt: skip
 

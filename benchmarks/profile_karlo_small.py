@@ -207,16 +207,7 @@ def main() -> None:
     import torch
 
     torch.set_grad_enabled(True)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = pathlib.Path(tmp) / "karlo-small"
-        bench.build_reference(folder)
-        pipe = bench.load_reference(folder)
-        grids = {}
-        for name in bench.STEPS:
-            scheduler = getattr(pipe, f"{name}_scheduler")
-            scheduler.set_timesteps(bench.STEPS[name])
-            grids[name] = scheduler.timesteps.numpy().copy()
-        ours = bench.Ours(folder, grids)
+    pipe, ours, _ = bench.build_both_sides()
     text, empty = ours.text(bench.PROMPTS)
     result = {"what": __doc__.split("\n\n")[0], "machine": bench.machine(), "calls": args.calls,
               "kinds": list(KINDS), "parts": {}}  # fmt: skip
