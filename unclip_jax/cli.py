@@ -31,6 +31,96 @@ class UserError(Exception):
     """A problem with the user's input: reported in one line, exit code 2."""
 
 
+# The run-folder flags of sample/vary/interpolate/inpaint/ablate/eval (argparse dests).
+RUN_FLAGS = ("clip", "decoder", "prior_run", "ar_prior_run", "upsamplers", "base", "upsampler",
+             "glide_base", "glide_upsampler")  # fmt: skip
+
+
+def _add_step_arg(parser) -> None:
+    parser.add_argument(
+        "--step", action="append", default=[], metavar="[RUN=]N",
+        help="read checkpoint step N of a run instead of its latest: N when one run is given, "
+        "else RUN=N with RUN its flag (--step decoder=150); a run path RUN/checkpoints/N "
+        "does the same",
+    )  # fmt: skip
+
+
+def _given_runs(args) -> dict[str, tuple[str, int | None]]:
+    """{role: (dest, index in a list or None)} of the run flags given on this command line."""
+    runs = {}
+    for dest in RUN_FLAGS:
+        value = getattr(args, dest, None)
+        if isinstance(value, list | tuple):
+            for i in range(len(value)):
+                runs[dest if len(value) == 1 else f"{dest}.{i}"] = (dest, i)
+        elif value:
+            runs[dest] = (dest, None)
+    return runs
+
+
+def _run_path(args, dest: str, index: int | None) -> str:
+    value = getattr(args, dest)
+    return value[index] if index is not None else value
+
+
+def _apply_steps(args) -> None:
+    """--step [RUN=]N: point that run's path at RUN/checkpoints/N (checked to exist)."""
+    from unclip_jax.run_paths import split_run_path
+
+    runs = _given_runs(args)
+    for spec in getattr(args, "step", None) or []:
+        role, _, number = spec.rpartition("=")
+        role = role.lstrip("-").replace("-", "_")
+        if not number.isdigit():
+            raise UserError(f"--step {spec}: the step must be a number (--step [RUN=]N)")
+        if not role:
+            if len(runs) != 1:
+                given = ", ".join(runs) or "none"
+                raise UserError(f"--step {spec}: name the run, e.g. --step decoder={number} "
+                                f"(runs given: {given})")  # fmt: skip
+            role = next(iter(runs))
+        if role not in runs:
+            raise UserError(f"--step {spec}: no run {role!r} on this command line (runs given: "
+                            f"{', '.join(runs) or 'none'})")  # fmt: skip
+        dest, index = runs[role]
+        run, folder, _ = split_run_path(_run_path(args, dest, index))
+        target = folder / number
+        if not target.is_dir():
+            have = sorted((int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()),
+                          reverse=True) if folder.is_dir() else []  # fmt: skip
+            raise UserError(f"--step {spec}: run {run} has no checkpoint step {number} (it "
+                            f"holds {', '.join(map(str, have)) or 'none'})")  # fmt: skip
+        if index is None:
+            setattr(args, dest, str(target))
+        else:
+            getattr(args, dest)[index] = str(target)
+
+
+def _damage_report(args, err) -> str:
+    """A DamagedCheckpoint's line, with the flag that selects an intact step on this command."""
+    import os
+
+    from unclip_jax.run_paths import split_run_path
+
+    if not err.intact:
+        return err.describe("")
+    step = err.intact[0]
+    if args.command == "data":
+        return err.describe(f"--clip_step {step}" if args.data_command == "embed" else "")
+    runs = _given_runs(args) if hasattr(args, "step") else {}
+    for role, (dest, index) in runs.items():
+        folder = split_run_path(_run_path(args, dest, index))[1]
+        if os.path.abspath(folder) == os.path.abspath(err.directory):
+            return err.describe(f"--step {step}" if len(runs) == 1 else f"--step {role}={step}")
+    return err.describe("")
+
+
+def _quiet_unraisable(unraisable) -> None:
+    """Errors in orbax's abandoned async reads after a failed restore (coroutines closed on an
+    event loop that is gone): the restore's own error is what the user sees."""
+    logging.getLogger(__name__).debug("ignored during shutdown: %s", unraisable.exc_value)
+
+
 def add_demo_arguments(parser) -> None:
     """`unclip-jax demo`: the shapes demo (configs/shapes_demo.py), or the toy with --toy."""
     _add_config_args(parser, default="shapes_demo")
@@ -212,6 +302,7 @@ def _add_manipulation_args(parser, func, out: str) -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion, decoding)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=out)
+    _add_step_arg(parser)
     parser.set_defaults(func=func, prior="none", prior_run=None, ar_prior_run=None)
 
 
@@ -455,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="unCLIP: the prior's guidance, one scale or one per prompt",
     )  # fmt: skip
     _add_stage_args(sample, "the base/decoder stage", sampler=None, steps=None)
+    _add_step_arg(sample)
     sample.set_defaults(func=_cmd_sample)
 
     vary = sub.add_parser(
@@ -495,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--base", required=True, help="GLIDE base (inpainting) run folder")
     inpaint.add_argument("--upsampler", help="GLIDE upsampler run folder (optional)")
     _add_stage_args(inpaint, "the base stage", sampler="ddpm", steps=100)
+    _add_step_arg(inpaint)
     inpaint.set_defaults(func=_cmd_inpaint)
 
     convert = sub.add_parser(
@@ -536,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ablation.csv/json, three plots and grids/ to --out.",
     )
     add_ablate_arguments(ablate_cmd)
+    _add_step_arg(ablate_cmd)
     ablate_cmd.set_defaults(func=run_ablate)
     eval_cmd = sub.add_parser(
         "eval",
@@ -545,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         "CLIP features against --reference or a shapes split.",
     )
     add_eval_arguments(eval_cmd)
+    _add_step_arg(eval_cmd)
     eval_cmd.set_defaults(func=run_eval)
 
     from unclip_jax.data.embed_cli import add_embed_arguments
@@ -583,12 +678,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     # orbax logs every checkpoint phase through absl at INFO; keep -v readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from unclip_jax.run_paths import DamagedCheckpoint, DamagedCheckpointsOnly
+
+    sys.unraisablehook = _quiet_unraisable
     try:
         from unclip_jax import compile_cache
 
         compile_cache.enable(args.compilation_cache)
+        _apply_steps(args)
         args.func(args)
-    except (UserError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
+    except DamagedCheckpoint as err:
+        print(f"unclip-jax {args.command}: error: {_damage_report(args, err)}", file=sys.stderr)
+        return 2
+    except (UserError, FileNotFoundError, KeyError, TypeError, ValueError,
+            DamagedCheckpointsOnly) as err:  # fmt: skip
         # Config and input problems: one line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"unclip-jax {args.command}: error: {message}", file=sys.stderr)

@@ -46,18 +46,15 @@ def load_clip(
             raise ValueError("a transformers folder carries its own config: drop the config name")
         model_cfg, params = load_hf_clip(hf)
         return clip_from_config(model_cfg, dtype=dtype), params, f"transformers {hf}"
-    from unclip_jax.checkpoint import Checkpointer
+    from unclip_jax.checkpoint import Checkpointer, split_run_path
 
-    folder = pathlib.Path(checkpoint)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"CLIP checkpoint folder not found: {folder}")
-    if (folder / "checkpoints").is_dir():  # a run's workdir (its tokenizer/ sits beside)
-        folder = folder / "checkpoints"
+    if not pathlib.Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"CLIP checkpoint folder not found: {checkpoint}")
+    # A run's workdir (its tokenizer/ sits beside), its checkpoints/ or one step of it.
+    _, folder, named = split_run_path(checkpoint)
+    step = named if step is None else step
     ckpt = Checkpointer(folder, enable_async=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
-        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {folder}")
-    state, saved_config, _ = ckpt.restore(step)
+    state, saved_config, _ = ckpt.restore(ckpt.checked_step(step))
     ckpt.close()
     if config is not None:
         model_cfg = config_utils.load_config(config).model
@@ -156,6 +153,7 @@ def add_embed_arguments(parser) -> None:
 def run_embed(args):
     """`unclip-jax data embed`: load CLIP, tokenizer and source, then `embed_dataset` (returns
     its EmbedReport)."""
+    from unclip_jax.checkpoint import run_folder
     from unclip_jax.data.embeddings import embed_dataset
     from unclip_jax.tokenizers import ClipTokenizer
 
@@ -172,7 +170,7 @@ def run_embed(args):
         if args.tokenizer
         else [
             args.clip_hf,
-            args.clip_checkpoint and str(pathlib.Path(args.clip_checkpoint) / "tokenizer"),
+            args.clip_checkpoint and str(run_folder(args.clip_checkpoint) / "tokenizer"),
         ]
     )
     folder = next((c for c in candidates if c and pathlib.Path(c).is_dir()), None)

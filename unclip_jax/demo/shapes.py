@@ -85,10 +85,12 @@ def latest_step(workdir: pathlib.Path) -> int | None:
 
 
 def final_metrics(workdir: pathlib.Path) -> dict:
-    """The last record of the run's metrics.jsonl (loss and friends), {} if none."""
+    """The last measurement of the run's metrics.jsonl (loss and friends), {} if none; event
+    records (a damaged checkpoint set aside) are skipped."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    records = [r for r in map(json.loads, lines) if "event" not in r]
+    return records[-1] if records else {}
 
 
 class Interrupted(Exception):

@@ -171,6 +171,7 @@ def stage_from_run(path) -> tuple[GlideStage, object]:
 
 def pipeline_from_runs(base, upsampler=None) -> GlidePipeline:
     """GlidePipeline from run folders: the base (and an optional upsampler) with their tokenizer."""
+    from unclip_jax.checkpoint import run_folder
     from unclip_jax.tokenizers import glide_tokenizer_from_config
 
     compile_cache.enable()
@@ -181,5 +182,5 @@ def pipeline_from_runs(base, upsampler=None) -> GlidePipeline:
         if "upsample" not in up_stage.model.mode:
             raise ValueError(f"{upsampler} holds a {up_stage.model.mode!r} model, not an "
                              "upsampler")  # fmt: skip
-    return GlidePipeline(base_stage, glide_tokenizer_from_config(config.data, base), up_stage,
-                         pad_id=config.model.text.pad_id)  # fmt: skip
+    tokenizer = glide_tokenizer_from_config(config.data, run_folder(base))
+    return GlidePipeline(base_stage, tokenizer, up_stage, pad_id=config.model.text.pad_id)

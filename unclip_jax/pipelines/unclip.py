@@ -342,7 +342,9 @@ def clip_from_run(path) -> ClipEncoder:
     from unclip_jax.tokenizers import ClipTokenizer
 
     config, params = _run_of_kind(path, "clip", ema=False)  # CLIP's recipe has no EMA
-    folder = pathlib.Path(path) / "tokenizer"
+    from unclip_jax.checkpoint import run_folder
+
+    folder = run_folder(path) / "tokenizer"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is missing: a clip run saves its BPE there")
     context = config.model.text.context_length
@@ -361,13 +363,15 @@ def prior_from_run(path) -> PriorStage:
 
 
 def ar_prior_from_run(path) -> PriorStage:
+    from unclip_jax.checkpoint import run_folder
     from unclip_jax.models.ar_prior import ar_prior_from_config
     from unclip_jax.pipelines.ar_prior import ARPriorSampler
     from unclip_jax.train.unclip_kinds import load_codec
 
     config, params = _run_of_kind(path, "ar_prior")
     model = ar_prior_from_config(config.model)
-    return PriorStage("ar", ARPriorSampler(model), params, model, codec=load_codec(path),
+    codec = load_codec(run_folder(path))
+    return PriorStage("ar", ARPriorSampler(model), params, model, codec=codec,
                       sample=dict(config.sample))  # fmt: skip
 
 

@@ -96,6 +96,7 @@ def glide_tokenizer_for_run(config, workdir=None):
     first data.bpe_captions captions of the source (tokenizers.train_gpt2_bpe, at most
     model.text.vocab_size ids), kept in tokenizer/ for resumes and sampling. Errors if its ids do
     not fit the model's vocabulary or collide with model.text.pad_id."""
+    from unclip_jax.checkpoint import run_folder
     from unclip_jax.tokenizers import ByteTokenizer, Gpt2BpeTokenizer, train_gpt2_bpe
 
     text, name = config.model.text, config.data.tokenizer
@@ -107,7 +108,7 @@ def glide_tokenizer_for_run(config, workdir=None):
                              "its workdir: pass workdir")  # fmt: skip
         folder = pathlib.Path(workdir) / "tokenizer"
         init_from = config.get("ckpt", {}).get("init_from")
-        inherited = pathlib.Path(init_from) / "tokenizer" if init_from else None
+        inherited = run_folder(init_from) / "tokenizer" if init_from else None
         if folder.is_dir():
             tokenizer = Gpt2BpeTokenizer.from_folder(folder)
         elif inherited is not None and inherited.is_dir():  # fine-tuning a converted run

@@ -20,8 +20,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax import compile_cache, parallel
-from unclip_jax.checkpoint import Checkpointer, abstract_like
+from unclip_jax.checkpoint import Checkpointer, abstract_like, split_run_path
 from unclip_jax.data import loader
+from unclip_jax.run_paths import DamagedCheckpointsOnly
 from unclip_jax.train import hooks
 from unclip_jax.train.kinds import get_kind
 from unclip_jax.train.metrics import MetricWriter, Progress
@@ -79,21 +80,31 @@ def train(config, workdir: str | pathlib.Path, *, kind=None) -> dict:
         raise ValueError(f"batch size {global_batch} does not split over "
                          f"{jax.process_count()} processes")  # fmt: skip
     data = kind.data(global_batch, jax.process_index(), jax.process_count())
-    start = 0
+    start, set_aside = 0, []
     if ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state, _, data_state = ckpt.restore(start, abstract_like(state, shardings))
+        # The newest step that reads back; damaged ones above it are renamed out of the way.
+        found, restored, set_aside = ckpt.restore_newest_intact(abstract_like(state, shardings))
+        for step, problem, moved in set_aside:
+            log.warning("checkpoint step %d is damaged (%s): set aside as %s", step, problem,
+                        moved)  # fmt: skip
+        if found is None:
+            raise DamagedCheckpointsOnly(
+                f"every checkpoint in {ckpt.directory} is damaged; they are set aside in "
+                f"{ckpt.directory}.damaged. Remove the run's checkpoints/ folder to train from "
+                "the start, or copy intact steps back"
+            )
+        start = found
+        state, _, data_state = restored
         data.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start)
     elif ckpt_cfg.get("init_from"):
-        # Params only (a run's or converted weights'), read onto this mesh's shardings.
-        source_dir = pathlib.Path(ckpt_cfg.init_from)
-        if (source_dir / "checkpoints").is_dir():
-            source_dir = source_dir / "checkpoints"
+        # Params only (a run's or converted weights'), read onto this mesh's shardings. A path
+        # to one step (RUN/checkpoints/<step>) takes that step.
+        _, source_dir, source_step = split_run_path(ckpt_cfg.init_from)
         source = Checkpointer(source_dir, enable_async=False)
         try:
             params = source.restore_params(
-                None, "params", abstract_like(state.params, shardings.params)
+                source_step, "params", abstract_like(state.params, shardings.params)
             )
         finally:
             source.close()
@@ -116,6 +127,9 @@ def train(config, workdir: str | pathlib.Path, *, kind=None) -> dict:
     writer = MetricWriter(workdir, enabled=is_main,
                           tensorboard=config.train.get("tensorboard", True))  # fmt: skip
     writer.compile_stats(start, time.perf_counter() - compile_start, compiled)
+    for step, problem, moved in set_aside:
+        writer.event(start, "damaged_checkpoint", damaged_step=step, problem=problem,
+                     set_aside=str(moved), resumed_from=start)  # fmt: skip
 
     # ---------------------------------------------------------------- held-out loss, samples
     eval_every = config.train.get("eval_every", 0) if getattr(kind, "eval_data", None) else 0

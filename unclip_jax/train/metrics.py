@@ -50,6 +50,13 @@ class MetricWriter:
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                     self._tb.add_scalar(f"{split}/{key}", value, int(step))
 
+    def event(self, step: int, event: str, **details) -> None:
+        """A record that is not a measurement (a damaged checkpoint set aside, ...) in
+        metrics.jsonl: {"step", "event", ...details}; readers of losses skip it by its key."""
+        if self.enabled:
+            with (self.workdir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": int(step), "event": event, **details}) + "\n")
+
     def compile_stats(self, step: int, seconds: float, compiled) -> dict:
         """Compile time and memory analysis of the compiled step -> compile.json (+ TensorBoard)."""
         stats = {"step": int(step), "compile_s": round(seconds, 3), **memory_stats(compiled)}
