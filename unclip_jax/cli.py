@@ -115,6 +115,12 @@ def _damage_report(args, err) -> str:
     return err.describe("")
 
 
+def _one_line(message, limit: int = 1000) -> str:
+    """An error message as the one line the command prints (whitespace and newlines folded)."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 25] + " ... (message shortened)"
+
+
 def _quiet_unraisable(unraisable) -> None:
     """Errors in orbax's abandoned async reads after a failed restore (coroutines closed on an
     event loop that is gone): the restore's own error is what the user sees."""
@@ -193,7 +199,12 @@ def _read_prompts(args) -> list[str]:
         path = pathlib.Path(args.prompts)
         if not path.is_file():
             raise UserError(f"prompt file not found: {path}")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"prompt file {path} is not UTF-8 text (byte {err.start}): one "
+                            "prompt per line") from None  # fmt: skip
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError("no prompts: give them as arguments or with --prompts FILE")
     return [p for p in prompts for _ in range(args.per_prompt)]
@@ -349,15 +360,19 @@ def _read_mask(path, image_path):
     for p in (image_path, path):
         if not pathlib.Path(p).is_file():
             raise UserError(f"file not found: {p}")
+    unreadable = (OSError, UnidentifiedImageError, Image.DecompressionBombError)
     try:
         with Image.open(image_path) as im:
             image_size = im.size
+    except unreadable as err:
+        raise UserError(f"cannot read {image_path}: {err}") from None
+    try:
         with Image.open(path) as im:
             if im.size != image_size:
                 raise UserError(f"mask {path} is {im.size[0]}x{im.size[1]} but image "
                                 f"{image_path} is {image_size[0]}x{image_size[1]}")  # fmt: skip
             repaint = np.asarray(im.convert("L")) >= 128
-    except (OSError, UnidentifiedImageError) as err:
+    except unreadable as err:
         raise UserError(f"cannot read {path}: {err}") from None
     if not repaint.any():
         raise UserError(f"mask {path} has no white pixels: nothing to repaint")
@@ -694,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             DamagedCheckpointsOnly) as err:  # fmt: skip
         # Config and input problems: one line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"unclip-jax {args.command}: error: {message}", file=sys.stderr)
+        print(f"unclip-jax {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     return 0
 

@@ -34,8 +34,16 @@ def load_config(
     sys.path.insert(0, str(path.parent))
     try:
         module_spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ValueError(
+            f"config file {path} does not parse: {err.msg} (line {err.lineno})"
+        ) from None
+    except ImportError as err:
+        raise ValueError(f"config file {path} cannot import what it needs: {err}") from None
     finally:
         sys.path.remove(str(path.parent))
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} defines no get_config()")
     config = module.get_config(arg) if arg is not None else module.get_config()
     config = ml_collections.ConfigDict(config)
     for item in overrides:

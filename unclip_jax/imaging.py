@@ -98,6 +98,6 @@ def load_image(path, size: int | None = None) -> np.ndarray:
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BICUBIC)
             array = np.asarray(im, np.float32)
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
     return array / 127.5 - 1.0

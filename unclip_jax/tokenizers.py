@@ -103,7 +103,11 @@ class ClipTokenizer:
             raise FileNotFoundError(
                 f"{folder} has neither tokenizer.json nor vocab.json + merges.txt"
             )
-        hf = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        try:
+            hf = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"cannot read the tokenizer in {folder}: "
+                             f"{type(err).__name__}: {err}") from None  # fmt: skip
         if context_length is None:
             context_length = hf.model_max_length
             if context_length >= _UNSET_MAX_LENGTH:
@@ -263,12 +267,16 @@ _GPT2_MERGES = ("merges.txt", "vocab.bpe", "vocab.bpe.gz")
 
 
 def _read_text(path: pathlib.Path) -> str:
-    if path.suffix == ".gz":
-        import gzip
+    """A tokenizer file's text (gzipped or not); a damaged file is named in the error."""
+    import gzip
 
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
+        return path.read_text(encoding="utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read tokenizer file {path}: {err}") from None
 
 
 class Gpt2BpeTokenizer:
@@ -304,7 +312,10 @@ class Gpt2BpeTokenizer:
                 raise FileNotFoundError(f"no GPT-2 BPE file in {folder}: expected one of "
                                         f"{', '.join(names)}")  # fmt: skip
             found.append(path)
-        vocab = json.loads(_read_text(found[0]))
+        try:
+            vocab = json.loads(_read_text(found[0]))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"tokenizer file {found[0]} is not JSON: {err}") from None
         lines = _read_text(found[1]).split("\n")
         # Both files start with a "#version" line; bpe.py drops the first and the last line.
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]

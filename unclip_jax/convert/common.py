@@ -112,9 +112,10 @@ def build_params(template, rules: dict[str, Rule], state: dict[str, np.ndarray],
     unexpected = sorted(set(state) - used - {s for r in rules.values() for s in r.sources})
     problems += [f"unexpected key in checkpoint: {k}" for k in unexpected]
     if problems:
-        listing = "\n  ".join(problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise ConversionError(f"{what}: {len(problems)} problem(s):\n  {listing}{more}")
+        # One line (the command line prints errors as one): the first few, then a count.
+        listing = "; ".join(problems[:5])
+        more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ConversionError(f"{what}: {len(problems)} problem(s): {listing}{more}")
     # On the device, contiguous, once: numpy leaves (transposed views of the checkpoint) would
     # be copied to the device and re-laid out on every jitted call (459 transfers and 123 host
     # transposes per forward of the bench-karlo-small decoder).

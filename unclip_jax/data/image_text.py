@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,16 +299,20 @@ class ImageTextBuilder(ArrayRecordBuilder):
             written += 1
             yield key, {"image": image, "caption": decode_caption(caption), "key": key}
         self.report.written[split] = written
+        if written == 0:
+            skipped = [s for s in self.report.skipped if split_of(s[0], config.validation_fraction)
+                       == split]  # fmt: skip
+            first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+            raise ValueError(
+                f"no usable image-caption pairs for split {split!r} in {config.source}: "
+                f"{len(skipped)} items skipped{first}"
+            )
         if self.report.skipped:
             log.warning(
                 "image_text %s: skipped %d items so far (see %s)",
                 split,
                 self.report.num_skipped,
                 REPORT_FILENAME,
-            )
-        if written == 0:
-            raise ValueError(
-                f"no usable image-caption pairs for split {split!r} in {config.source}"
             )
 
 
@@ -321,8 +326,23 @@ def build_image_text(
     when the dataset was already built).
     """
     config = ImageTextConfig(name=name, source=str(source), **options)
-    builder = ImageTextBuilder(data_dir=str(data_dir), config=config)
-    builder.prepare()
+    fmt = config.source_format or detect_format(source)  # names a missing source
+    if fmt == "folder" and not any(
+        p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(source).rglob("*")
+    ):
+        raise ValueError(f"image_text source {source} holds no image files "
+                         f"({', '.join(sorted(IMAGE_EXTENSIONS))})")  # fmt: skip
+    # A build that fails (nothing usable in the source) leaves no folders of its own behind.
+    data_dir = Path(data_dir)
+    ours = [d for d in (data_dir / "downloads", data_dir / "image_text" / name,
+                        data_dir / "image_text", data_dir) if not d.exists()]  # fmt: skip
+    try:
+        builder = ImageTextBuilder(data_dir=str(data_dir), config=config)
+        builder.prepare()
+    except BaseException:
+        for folder in ours:  # deepest first; only folders this call created
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     report_path = Path(builder.data_dir) / REPORT_FILENAME
     if builder.report is not None:  # built just now
         report_path.write_text(builder.report.to_json())

@@ -28,5 +28,10 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         super().__init__(file_format=file_format, **kwargs)
 
     def prepare(self) -> None:
-        """Write the dataset if it is not there yet (tfds skips complete builds)."""
+        """Write the dataset if it is not there yet (tfds skips complete builds). tfds' progress
+        bars are shown on a terminal only (in a log or a pipe they are lines of noise)."""
+        import sys
+
+        if not sys.stderr.isatty():
+            tfds.disable_progress_bar()
         self.download_and_prepare(file_format=ARRAY_RECORD)

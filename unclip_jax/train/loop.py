@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from unclip_jax import compile_cache, parallel
 from unclip_jax.checkpoint import Checkpointer, abstract_like, split_run_path
 from unclip_jax.data import loader
-from unclip_jax.run_paths import DamagedCheckpointsOnly
+from unclip_jax.run_paths import DamagedCheckpoint, DamagedCheckpointsOnly
 from unclip_jax.train import hooks
 from unclip_jax.train.kinds import get_kind
 from unclip_jax.train.metrics import MetricWriter, Progress
@@ -49,6 +49,20 @@ class _Preemption:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_same_kind(ckpt, config, workdir) -> None:
+    """A workdir resumes only the kind of run it holds (its newest readable saved config)."""
+    for step in reversed(ckpt.all_steps()):
+        try:
+            saved = ckpt.restore_config(step)
+        except DamagedCheckpoint:
+            continue
+        if saved.get("kind") != config.get("kind"):
+            raise ValueError(f"--workdir {workdir} holds a {saved.get('kind')!r} run (step "
+                             f"{step}); this config trains {config.get('kind')!r}: choose "
+                             "another --workdir")  # fmt: skip
+        return
 
 
 def train(config, workdir: str | pathlib.Path, *, kind=None) -> dict:
@@ -83,7 +97,16 @@ def train(config, workdir: str | pathlib.Path, *, kind=None) -> dict:
     start, set_aside = 0, []
     if ckpt.latest_step() is not None:
         # The newest step that reads back; damaged ones above it are renamed out of the way.
-        found, restored, set_aside = ckpt.restore_newest_intact(abstract_like(state, shardings))
+        _check_same_kind(ckpt, config, workdir)
+        try:
+            found, restored, set_aside = ckpt.restore_newest_intact(abstract_like(state, shardings))
+        except DamagedCheckpoint:
+            raise
+        except ValueError as err:  # a tree or shape that does not fit: not damage
+            first = str(err).strip().splitlines()[0]
+            message = (f"the checkpoints in {ckpt.directory} do not fit this config's model "
+                       f"(were model settings changed?): {first}")  # fmt: skip
+            raise ValueError(message) from None
         for step, problem, moved in set_aside:
             log.warning("checkpoint step %d is damaged (%s): set aside as %s", step, problem,
                         moved)  # fmt: skip
