@@ -250,8 +250,7 @@ class Ours:
 def step_noise(rng, table, shape) -> list[np.ndarray]:
     """Our p_sample_loop's noise in the order diffusers' scheduler asks for it (t > 0 steps)."""
     n = table.num_timesteps
-    return [np.asarray(jax.random.normal(jax.random.fold_in(rng, i), shape, jnp.float32))
-            for i in range(n - 1, 0, -1)]  # fmt: skip
+    return [np.asarray(diffusion.step_noise(rng, i, shape)) for i in range(n - 1, 0, -1)]
 
 
 def nchw(x) -> torch.Tensor:
@@ -562,7 +561,7 @@ def _single_step(model_fn, table, params, x, i, rng, cond, null, scale):
     """One ancestral step of diffusion.p_sample_loop's body, for a Python loop of jitted calls."""
     opts = dict(clip_denoised=True, clip_range=1.0, denoised_fn=None)
     _, _, out = samplers._predict(model_fn, table, params, x, i, cond, null, scale, opts)
-    noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+    noise = diffusion.step_noise(rng, i, x.shape)
     return out["mean"] + (i > 0).astype(jnp.float32) * jnp.exp(0.5 * out["log_variance"]) * noise
 
 

@@ -440,10 +440,12 @@ def _cmd_convert(args) -> None:
     for name, folder in written.items():
         print(f"{name:<10} {folder}")
     if args.source == "karlo":
-        print(f"sample with: unclip-jax sample --pipeline unclip --clip {written['clip']} "
-              f"--prior-run {written['prior']} --decoder {written['decoder']}"
-              + (f" --upsamplers {written['upsampler']}" if "upsampler" in written else "")
-              + ' "a prompt"')  # fmt: skip
+        ups = f" --upsamplers {written['upsampler']}" if "upsampler" in written else ""
+        runs_args = f"--clip {written['clip']} --decoder {written['decoder']}{ups}"
+        if "prior" in written:
+            print(f"sample with: unclip-jax sample --pipeline unclip {runs_args} "
+                  f'--prior-run {written["prior"]} "a prompt"')  # fmt: skip
+        print(f"vary an image with: unclip-jax vary IMAGE {runs_args}")
     if args.source == "glide":
         print(
             f'sample with: unclip-jax sample --base {written["glide"]} "a prompt" (an upsampler '

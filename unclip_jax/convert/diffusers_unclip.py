@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.convert.common import (
+    ConversionError,
     Rule,
     build_params,
     flatten,
@@ -137,3 +138,48 @@ def load_diffusers_upsampler(folder: str | pathlib.Path, *, low_res_size: int | 
     model = UnclipUpsampler(unet, resize="bicubic", image_size=size,
                             low_res_size=low_res_size or size // 4)  # fmt: skip
     return model, {"unet": jax.tree.map(jnp.asarray, params)}
+
+
+# diffusers' UnCLIPScheduler settings -> our diffusion config's names.
+_SCHEDULES = {"squaredcos_cap_v2": "cosine", "linear": "linear"}
+_MEAN_TYPES = {"epsilon": "epsilon", "sample": "start_x"}
+_VAR_TYPES = {"fixed_small_log": "fixed_small", "learned_range": "learned_range"}
+
+
+def read_unclip_scheduler(folder, diffusion_config) -> float | None:
+    """The x_0 clamp of a diffusers UnCLIPScheduler folder (`clip_sample_range`, or None when
+    `clip_sample` is off), after checking that its schedule, step count, prediction and variance
+    are the ones `diffusion_config` samples with. A mismatch is a ConversionError naming the field:
+    sampling with other settings than the reference would give other images without an error.
+    """
+    path = pathlib.Path(folder) / "scheduler_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"cannot read {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    cls = raw.get("_class_name", "UnCLIPScheduler")
+    if cls != "UnCLIPScheduler":
+        raise ConversionError(f"{path}: a {cls}, not an UnCLIPScheduler")
+    checks = (
+        ("beta_schedule", _SCHEDULES, "squaredcos_cap_v2", "schedule"),
+        ("prediction_type", _MEAN_TYPES, "epsilon", "mean_type"),
+        ("variance_type", _VAR_TYPES, "fixed_small_log", "var_type"),
+    )
+    for key, names, default, ours in checks:
+        value = raw.get(key, default)
+        if value not in names:
+            raise ConversionError(f"{path}: {key} {value!r} is not supported ({sorted(names)})")
+        if names[value] != diffusion_config[ours]:
+            raise ConversionError(f"{path}: {key} {value!r} does not match the config's "
+                                  f"diffusion.{ours} {diffusion_config[ours]!r}")  # fmt: skip
+    steps = raw.get("num_train_timesteps", 1000)
+    if steps != diffusion_config.num_timesteps:
+        raise ConversionError(
+            f"{path}: num_train_timesteps {steps} does not match the config's "
+            f"diffusion.num_timesteps {diffusion_config.num_timesteps}"
+        )
+    if not raw.get("clip_sample", True):
+        return None
+    return float(raw.get("clip_sample_range", 1.0))

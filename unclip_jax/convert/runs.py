@@ -160,20 +160,37 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
     """A diffusers unCLIP folder -> run folders out/{clip, prior, decoder, upsampler}.
 
     Sizes come from the weights; the presets give the diffusion and sampling settings (Karlo's:
-    prior 25 steps, decoder 50 steps guidance 8, super-res 7 ancestral steps). The upsampler run
-    holds super_res_first and super_res_last as params {"first", "last"} (model.last_step), the
-    second used for the final step as Karlo does; it samples but does not train.
+    prior 25 steps, decoder 50 steps guidance 8, super-res 7 ancestral steps), the folder's
+    `*_scheduler` configs the x_0 clamps (checked against the presets' diffusion sections). The
+    upsampler run holds super_res_first and super_res_last as params {"first", "last"}
+    (model.last_step), the second used for the final step as Karlo does; it samples but does not
+    train. An image-variations folder (image_encoder/, no prior/) converts without a prior run.
     """
     from unclip_jax.convert.diffusers_prior import load_diffusers_prior
-    from unclip_jax.convert.diffusers_unclip import load_diffusers_decoder, load_diffusers_upsampler
+    from unclip_jax.convert.diffusers_unclip import (
+        load_diffusers_decoder,
+        load_diffusers_upsampler,
+        read_unclip_scheduler,
+    )
     from unclip_jax.models import decoder as dec
     from unclip_jax.models.prior import init_params as prior_init
     from unclip_jax.models.prior import prior_from_config
 
     root, out = pathlib.Path(src), pathlib.Path(out)
-    for name in ("text_encoder", "tokenizer", "prior", "text_proj", "decoder"):
+    for name in ("text_encoder", "tokenizer", "text_proj", "decoder"):
         if not (root / name).is_dir():
             raise FileNotFoundError(f"{root / name} is missing: not a diffusers unCLIP folder")
+    if not ((root / "prior").is_dir() or (root / "image_encoder").is_dir()):
+        raise FileNotFoundError(f"{root} has neither prior/ (text to image) nor image_encoder/ "
+                                "(image variations): not a diffusers unCLIP folder")  # fmt: skip
+
+    def check_scheduler(name: str, config) -> None:
+        folder = root / f"{name}_scheduler"
+        if folder.is_dir():
+            clamp = read_unclip_scheduler(folder, config.diffusion)
+            if name == "prior":
+                config.sample.clamp = clamp
+
     runs = {}
 
     clip_cfg, clip_params = karlo_clip(root)
@@ -182,22 +199,25 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
     context = clip_cfg.text.context_length
     log.info("converted CLIP -> %s", runs["clip"])
 
-    prior, prior_params = load_diffusers_prior(root / "prior")
-    config = _preset(prior_preset)
-    m = config.model
-    for field in ("clip_dim", "text_dim", "text_ctx", "width", "layers", "heads", "scaling",
-                  "learned_null"):  # fmt: skip
-        setattr(m, field, getattr(prior, field))
-    _check_matches("Karlo prior", m,
-                   lambda m: jax.eval_shape(lambda: prior_init(prior_from_config(m),
-                                                               jax.random.key(0))),
-                   prior_params)  # fmt: skip
-    _stamp(config, root / "prior", "diffusers PriorTransformer")
-    runs["prior"] = save_params(out / "prior", config, prior_params)
-    log.info("converted prior -> %s", runs["prior"])
+    if (root / "prior").is_dir():
+        prior, prior_params = load_diffusers_prior(root / "prior")
+        config = _preset(prior_preset)
+        check_scheduler("prior", config)
+        m = config.model
+        for field in ("clip_dim", "text_dim", "text_ctx", "width", "layers", "heads", "scaling",
+                      "learned_null"):  # fmt: skip
+            setattr(m, field, getattr(prior, field))
+        _check_matches("Karlo prior", m,
+                       lambda m: jax.eval_shape(lambda: prior_init(prior_from_config(m),
+                                                                   jax.random.key(0))),
+                       prior_params)  # fmt: skip
+        _stamp(config, root / "prior", "diffusers PriorTransformer")
+        runs["prior"] = save_params(out / "prior", config, prior_params)
+        log.info("converted prior -> %s", runs["prior"])
 
     decoder, dec_params = load_diffusers_decoder(root)
     config = _preset(decoder_preset)
+    check_scheduler("decoder", config)
     m = config.model
     m.text_pathway, m.clip_dim, m.text_dim = "clip", decoder.clip_dim, decoder.text_dim
     m.text_ctx, m.clip_tokens = context, decoder.clip_tokens
@@ -215,6 +235,7 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
         up, first = load_diffusers_upsampler(root / "super_res_first",
                                              low_res_size=decoder.image_size)  # fmt: skip
         config = _preset(upsampler_preset)
+        check_scheduler("super_res", config)
         m = config.model
         m.low_res_size = up.low_res_size
         _unet_section(m.unet, up.unet, up.image_size)

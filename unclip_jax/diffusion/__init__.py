@@ -33,6 +33,8 @@ from unclip_jax.diffusion.samplers import (
     noise_like,
     p_sample_loop,
     sample,
+    split_sampler_rng,
+    step_noise,
 )
 from unclip_jax.diffusion.schedules import get_named_beta_schedule, space_timesteps
 
@@ -63,6 +65,8 @@ __all__ = [
     "q_posterior_mean_variance",
     "q_sample",
     "sample",
+    "split_sampler_rng",
+    "step_noise",
     "sample_timesteps",
     "space_timesteps",
     "training_losses",

@@ -29,6 +29,20 @@ from unclip_jax.diffusion.gaussian import DiffusionTable
 _STATIC = ("model_fn", "clip_denoised", "denoised_fn", "cond_fn", "sharding")
 
 
+def step_noise(rng, i, shape) -> jax.Array:
+    """The fresh noise z of table step i ([*shape], float32), as every stochastic sampler here
+    draws it: N(0, I) from fold_in(rng, i). Public so that a reference run (tests/fixtures,
+    benchmarks) can be fed exactly the noise that our samplers will add."""
+    return jax.random.normal(jax.random.fold_in(rng, i), shape, jnp.float32)
+
+
+def split_sampler_rng(rng) -> tuple[jax.Array, jax.Array]:
+    """(initial-noise key, step-noise key): how a stage's rng is split when it draws its own x_T
+    (pipelines' DiffusionStage and PriorSampler); the step-noise key goes to the sampler."""
+    k_init, k_steps = jax.random.split(rng)
+    return k_init, k_steps
+
+
 def _constrain(x, sharding):
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
@@ -79,7 +93,7 @@ def p_sample_loop(
         mean = out["mean"]
         if cond_fn is not None:
             mean = g.condition_mean(out, cond_fn(x, t_model, cond))
-        noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+        noise = step_noise(rng, i, x.shape)
         nonzero = (i > 0).astype(jnp.float32)
         return _constrain(mean + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise, sharding)
 
@@ -125,7 +139,7 @@ def ddim_sample_loop(
         abar_prev = table.alphas_cumprod_prev[i]
         sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar)) * jnp.sqrt(1 - abar / abar_prev)
         mean = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1 - abar_prev - sigma**2) * eps
-        noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+        noise = step_noise(rng, i, x.shape)
         return _constrain(mean + (i > 0).astype(jnp.float32) * sigma * noise, sharding)
 
     return jax.lax.fori_loop(0, steps, body, _constrain(x_T.astype(jnp.float32), sharding))

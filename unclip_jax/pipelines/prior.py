@@ -84,7 +84,7 @@ class PriorSampler:
         self.compilations = 0
         self._jitted = jax.jit(self._sample)
 
-    def _sample(self, params, table, cond, rng, null_cond, guidance_scale, clamp):
+    def _sample(self, params, table, cond, rng, null_cond, guidance_scale, clamp, x_T):
         self.compilations += 1  # runs once per trace
         n = self.num_candidates
         batch = cond["text_emb"].shape[0]
@@ -93,8 +93,9 @@ class PriorSampler:
         if null_cond is not None:
             kwargs.update(null_cond=jax.tree.map(repeat, null_cond),
                           guidance_scale=repeat(guidance_scale))  # fmt: skip
-        k_noise, k_sample = jax.random.split(rng)
-        x_T = diffusion.noise_like(k_noise, (batch * n, self.model.clip_dim), self.temperature)
+        k_noise, k_sample = diffusion.split_sampler_rng(rng)
+        if x_T is None:
+            x_T = diffusion.noise_like(k_noise, (batch * n, self.model.clip_dim), self.temperature)
         x0 = diffusion.sample(self.sampler, self.model_fn, table, params, x_T, k_sample,
                               jax.tree.map(repeat, cond), **kwargs)  # fmt: skip
         candidates = unscale_image_embedding(self.model, params, x0).reshape(batch, n, -1)
@@ -104,9 +105,16 @@ class PriorSampler:
         return dict(image_emb=chosen, candidates=candidates, scores=scores, best=best)
 
     def __call__(self, params, cond: dict, rng, *, null_cond: dict | None = None,
-                 guidance_scale: Any = None) -> dict:  # fmt: skip
+                 guidance_scale: Any = None, x_T=None) -> dict:  # fmt: skip
+        """`x_T` [B * N, D] (the standardised initial latents, candidates of a caption adjacent)
+        replaces the initial noise drawn from `rng`; the step noise comes from `rng` either way."""
         if (null_cond is None) != (guidance_scale is None):
             raise ValueError("classifier-free guidance needs both null_cond and guidance_scale")
+        if x_T is not None:
+            expected = (cond["text_emb"].shape[0] * self.num_candidates, self.model.clip_dim)
+            if tuple(x_T.shape) != expected:
+                raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {expected}")
+            x_T = jnp.asarray(x_T, jnp.float32)
         clamp = jnp.asarray(1.0 if self.clamp is None else self.clamp, jnp.float32)
         if guidance_scale is not None:
             # One strongly typed [B] array whatever was passed (a number, a list, a weak array),
@@ -114,7 +122,7 @@ class PriorSampler:
             batch = cond["text_emb"].shape[0]
             scale = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
             guidance_scale = jax.lax.convert_element_type(scale, jnp.float32)
-        return self._jitted(params, self.table, cond, rng, null_cond, guidance_scale, clamp)
+        return self._jitted(params, self.table, cond, rng, null_cond, guidance_scale, clamp, x_T)
 
 
 def sampler_from_config(model: DiffusionPrior, config) -> PriorSampler:

@@ -61,7 +61,7 @@ class DiffusionStage:
                guidance_scale=None, x_T=None, temperature: float = 1.0, eta: float = 0.0,
                mesh=None):  # fmt: skip
         """Samples [B, *sample_shape]; x_T (e.g. from `invert`) replaces the initial noise."""
-        k_noise, k_sample = jax.random.split(rng)
+        k_noise, k_sample = diffusion.split_sampler_rng(rng)
         if x_T is None:
             x_T = diffusion.noise_like(k_noise, (batch,) + tuple(self.sample_shape), temperature)
         elif x_T.shape != (batch,) + tuple(self.sample_shape):

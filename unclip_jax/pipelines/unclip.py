@@ -153,10 +153,13 @@ class UnclipPipeline:
         return {k: v[0] for k, v in self.clip.text([""]).items()}
 
     def image_embeddings(self, prompts, rng, *, prior: str = "diffusion", guidance_scale=None,
-                         text: dict | None = None) -> jax.Array:  # fmt: skip
-        """CLIP image embeddings [B, D] for the prompts from the chosen prior."""
+                         text: dict | None = None, x_T=None) -> jax.Array:  # fmt: skip
+        """CLIP image embeddings [B, D] for the prompts from the chosen prior; `x_T` [B * N, D]
+        (diffusion prior only) replaces its initial noise."""
         if prior not in PRIOR_TYPES:
             raise ValueError(f"unknown prior {prior!r}; expected one of {PRIOR_TYPES}")
+        if x_T is not None and prior != "diffusion":
+            raise ValueError(f"x_T is the diffusion prior's initial noise; prior is {prior!r}")
         text = self.clip.text(prompts) if text is None else text
         if prior == "none":
             return text["text_emb"]
@@ -179,7 +182,7 @@ class UnclipPipeline:
                                                        stage.model.text_ctx).items()}  # fmt: skip
             null = null_conditioning(stage.model, cond, empty)
             out = stage.sampler(stage.params, cond, rng, null_cond=null,
-                                guidance_scale=_scales(scale, batch))  # fmt: skip
+                                guidance_scale=_scales(scale, batch), x_T=x_T)  # fmt: skip
             return out["image_emb"]
         padded = _pad_text(text, stage.model.text_ctx)
         s = stage.sample
@@ -412,6 +415,15 @@ def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None,
     return pipe
 
 
+def _scheduler_clamp(root: pathlib.Path, name: str, diffusion_config, default):
+    """The x_0 clamp of the folder's `<name>_scheduler` (checked against our config), or
+    `default` for a folder without one."""
+    from unclip_jax.convert.diffusers_unclip import read_unclip_scheduler
+
+    folder = root / f"{name}_scheduler"
+    return read_unclip_scheduler(folder, diffusion_config) if folder.is_dir() else default
+
+
 def pipeline_from_diffusers(
     root,
     *,
@@ -419,13 +431,17 @@ def pipeline_from_diffusers(
     decoder_config: str = "decoder64:karlo",
     upsampler_config: str = "upsample256:karlo",
 ) -> UnclipPipeline:
-    """An UnclipPipeline from a diffusers unCLIP folder (kakaobrain/karlo-v1-alpha's layout):
-    text_encoder/ + tokenizer/ (CLIP), prior/, text_proj/ + decoder/, super_res_first/ (and
-    super_res_last/, used for the final step), image_encoder/ (optional: variations).
+    """An UnclipPipeline from a diffusers unCLIP folder: kakaobrain/karlo-v1-alpha's layout
+    (text_encoder/ + tokenizer/ (CLIP), prior/, text_proj/ + decoder/, super_res_first/ (and
+    super_res_last/, used for the final step)) or karlo-v1-alpha-image-variations' (image_encoder/
+    instead of prior/: a pipeline without a prior, for `variations` and `decode` from image
+    embeddings). image_encoder/ is read whenever present.
 
     Diffusion and sampling settings come from the named configs' `diffusion` and `sample`
-    sections (Karlo's: prior 25 steps guidance 4 with x_0 clamped to [-10, 10], decoder learned
-    range with guidance 8, super-res 7 ancestral steps). Nothing is downloaded.
+    sections (Karlo's: prior 25 steps guidance 4, decoder learned range with guidance 8, super-res
+    7 ancestral steps); the x_0 clamps from the folder's `*_scheduler/scheduler_config.json`
+    where present (karlo-v1-alpha: prior 5.0, decoder and super-res 1.0), whose schedule,
+    prediction and variance types must match the configs. Nothing is downloaded.
     """
     from unclip_jax import config_utils
     from unclip_jax.convert.clip import load_hf_clip
@@ -438,35 +454,48 @@ def pipeline_from_diffusers(
 
     compile_cache.enable()  # before the converters' first jitted op
     root = pathlib.Path(root)
-    for name in ("text_encoder", "tokenizer", "prior", "text_proj", "decoder"):
+    for name in ("text_encoder", "tokenizer", "text_proj", "decoder"):
         if not (root / name).is_dir():
             raise FileNotFoundError(f"{root / name} is missing: not a diffusers unCLIP folder")
+    has_prior, has_images = (root / "prior").is_dir(), (root / "image_encoder").is_dir()
+    if not (has_prior or has_images):
+        raise FileNotFoundError(f"{root} has neither prior/ (text to image) nor image_encoder/ "
+                                "(image variations): not a diffusers unCLIP folder")  # fmt: skip
     text_cfg, text_params = load_hf_clip(root / "text_encoder")
     text_model = clip_from_config(text_cfg)
     context = text_cfg.text.context_length
     tokenizer = ClipTokenizer.from_pretrained(root / "tokenizer", context_length=context)
     image_model = image_params = None
-    if (root / "image_encoder").is_dir():
+    if has_images:
         image_cfg, image_params = load_hf_clip(root / "image_encoder")
         image_model = clip_from_config(image_cfg)
     clip = ClipEncoder(text_model, text_params, tokenizer, image_model=image_model,
                        image_params=image_params)  # fmt: skip
 
-    prior_cfg = config_utils.load_config(prior_config)
-    prior_model, prior_params = load_diffusers_prior(root / "prior")
-    prior = PriorStage("diffusion", sampler_from_config(prior_model, prior_cfg), prior_params,
-                       prior_model, sample=dict(prior_cfg.sample))  # fmt: skip
+    priors = {}
+    if has_prior:
+        prior_cfg = config_utils.load_config(prior_config)
+        with prior_cfg.unlocked():
+            prior_cfg.sample.clamp = _scheduler_clamp(root, "prior", prior_cfg.diffusion,
+                                                      prior_cfg.sample.get("clamp"))  # fmt: skip
+        prior_model, prior_params = load_diffusers_prior(root / "prior")
+        priors["diffusion"] = PriorStage(
+            "diffusion", sampler_from_config(prior_model, prior_cfg), prior_params, prior_model,
+            sample=dict(prior_cfg.sample),
+        )  # fmt: skip
 
     dec_cfg = config_utils.load_config(decoder_config)
     dec_model, dec_params = load_diffusers_decoder(root)
     size = dec_model.image_size
+    clamp = _scheduler_clamp(root, "decoder", dec_cfg.diffusion, 1.0)
     decoder = DiffusionStage(make_model_fn(dec_model), dec_params, dec_cfg.diffusion,
-                             (size, size, 3))  # fmt: skip
+                             (size, size, 3), clip_denoised=clamp is not None,
+                             clip_range=1.0 if clamp is None else clamp)  # fmt: skip
     pipe = UnclipPipeline(
         clip=clip,
         decoder=decoder,
         decoder_model=dec_model,
-        priors={"diffusion": prior},
+        priors=priors,
         decoder_sample=dict(dec_cfg.sample),
     )
 
@@ -478,6 +507,9 @@ def pipeline_from_diffusers(
             _, last = load_diffusers_upsampler(root / "super_res_last", low_res_size=size)
             fn, params = make_last_step_model_fn(up_model), {"first": first, "last": last}
         shape = (up_model.image_size, up_model.image_size, 3)
-        stage = DiffusionStage(fn, params, up_cfg.diffusion, shape)
+        clamp = _scheduler_clamp(root, "super_res", up_cfg.diffusion, 1.0)
+        stage = DiffusionStage(fn, params, up_cfg.diffusion, shape,
+                               clip_denoised=clamp is not None,
+                               clip_range=1.0 if clamp is None else clamp)  # fmt: skip
         pipe.upsamplers.append((stage, dict(up_cfg.sample)))
     return pipe
