@@ -60,10 +60,11 @@ bench: $(VENV)/.stamp-parity
 	UNCLIP_JAX_COMPILATION_CACHE=off $(BIN)/python benchmarks/bench_karlo_small.py
 	$(BIN)/python benchmarks/report.py
 
-## scale-plan: paper-scale train steps AOT-compiled on 64 fake CPU devices (no weights), then the
-## README's table from benchmarks/results/scale_plan.json
+## scale-plan: paper-scale train steps AOT-compiled on 64 fake CPU devices (no weights), and
+## Karlo's samplers' memory at batch 1 and 8, then the README's tables from benchmarks/results/
 scale-plan: $(VENV)/.stamp-base
 	$(BIN)/python benchmarks/scale_plan.py
+	$(BIN)/python benchmarks/karlo_memory.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

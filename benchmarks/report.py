@@ -164,7 +164,34 @@ def profile(d: dict) -> str:
     )
 
 
-TABLES = {"karlo_small": ("karlo_small_cpu.json", karlo_small),
+def karlo_memory(d: dict) -> str:
+    runs = [r for r in d["runs"] if r["compute_dtype"] == "float32"]
+    batches = sorted({r["batch"] for r in runs})
+    stages = list(dict.fromkeys(r["stage"] for r in runs))
+    at = {(r["stage"], r["batch"]): r for r in runs}
+    head = " | ".join(f"peak at batch {b} (GB)" for b in batches)
+    rows = [f"| stage | parameters | weights (GB) | {head} |",
+            "|---|---|---|" + "---|" * len(batches)]  # fmt: skip
+    for stage in stages:
+        first = at[(stage, batches[0])]
+        peaks = " | ".join(f"{at[(stage, b)]['peak_bytes'] / 1e9:.2f}" for b in batches)
+        rows.append(f"| {stage.replace('_', '-')} | {first['params'] / 1e6:,.0f} M | "
+                    f"{first['param_bytes'] / 1e9:.2f} | {peaks} |")  # fmt: skip
+    weights = sum(at[(s, batches[0])]["param_bytes"] for s in stages)
+    whole = []
+    for b in batches:
+        extra = max(at[(s, b)]["peak_bytes"] - at[(s, b)]["param_bytes"] for s in stages)
+        whole.append(f"{(weights + extra) / 1e9:.1f} GB at batch {b}")
+    return (
+        "\n".join(rows) + f"\n\nThe whole pipeline holds every stage's weights "
+        f"({weights / 1e9:.1f} GB) and runs one stage at a time: {', '.join(whole)}. "
+        f"XLA's memory analysis of the compiled samplers (CPU compiler, float32, jax "
+        f"{d['jax']}, {d['date']}); `benchmarks/results/karlo_memory.json`."
+    )
+
+
+TABLES = {"karlo_memory": ("karlo_memory.json", karlo_memory),
+          "karlo_small": ("karlo_small_cpu.json", karlo_small),
           "profile": ("profile_karlo_small_cpu.json", profile),
           "samplers": ("samplers_cpu.json", samplers),
           "compile_cache": ("compile_cache_cpu.json", compile_cache),

@@ -103,3 +103,33 @@ def test_logical_shardings_replicate_dimensions_the_mesh_does_not_divide():
     wide, narrow = shardings["wide"], shardings["narrow"]
     assert wide.shard_shape((16, 64)) == (16, 8)  # conv_out -> fsdp where 8 divides it
     assert narrow.shard_shape((16, 6)) == (16, 6)  # and whole on every device where not
+
+
+def test_karlo_memory_plan_on_tiny_configs(plan, tmp_path):
+    """benchmarks/karlo_memory.py (the README's Karlo memory table) on the tiny configs: every
+    stage compiles from shapes alone; its arguments hold the weights; a larger batch needs more;
+    report.py renders the table."""
+    sys.path.insert(0, str(PATH.parent))
+    spec = importlib.util.spec_from_file_location("karlo_memory", PATH.parent / "karlo_memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    from unclip_jax import config_utils
+    from unclip_jax.models.prior import count_params, prior_from_config
+
+    out = tmp_path / "karlo_memory.json"
+    result = memory.main(["--tiny", "--batches", "1,4", "--dtypes", "float32", "--out", str(out)])
+    runs = {(r["stage"], r["batch"]): r for r in result["runs"]}
+    assert {s for s, _ in runs} == {"clip", "prior", "decoder", "super_res"}
+    for r in runs.values():
+        assert r["param_bytes"] == 4 * r["params"]
+        assert r["argument_size_in_bytes"] >= r["param_bytes"]
+        assert r["peak_bytes"] >= r["argument_size_in_bytes"]
+    for stage in ("decoder", "super_res"):
+        assert runs[(stage, 4)]["peak_bytes"] > runs[(stage, 1)]["peak_bytes"]
+    prior = prior_from_config(config_utils.load_config("prior_diffusion:tiny_karlo").model)
+    assert runs[("prior", 1)]["params"] == count_params(prior)
+    spec = importlib.util.spec_from_file_location("report", PATH.parent / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    table = report.karlo_memory(result)
+    assert "| decoder |" in table and "peak at batch 4" in table
