@@ -107,9 +107,25 @@ def world(tmp_path_factory):
     _edit_safetensors(clip_copy("clip_misshaped") / "model.safetensors", reshape_key)
     tok = clip_copy("clip_bad_tokenizer")
     (tok / "tokenizer.json").write_text("[1, 2")
-    # Karlo folders: a missing component.
+    # Karlo folders: a missing component, a renamed key, a mis-shaped tensor, a scheduler that
+    # samples otherwise than the config.
     karlo = _copy(KARLO, f / "karlo_no_text_proj")
     shutil.rmtree(karlo / "text_proj")
+
+    def rename_decoder_key(t):
+        key = next(k for k in sorted(t) if k.endswith("to_q.weight"))
+        t[key.replace("to_q", "to_query")] = t.pop(key)
+
+    def reshape_prior_key(t):
+        key = next(k for k in sorted(t) if k.endswith("to_q.weight"))
+        t[key] = np.zeros((t[key].shape[0] + 1,) + t[key].shape[1:], t[key].dtype)
+
+    weights = "diffusion_pytorch_model.safetensors"
+    _edit_safetensors(_copy(KARLO, f / "karlo_renamed") / "decoder" / weights, rename_decoder_key)
+    _edit_safetensors(_copy(KARLO, f / "karlo_misshaped") / "prior" / weights, reshape_prior_key)
+    scheduler = _copy(KARLO, f / "karlo_bad_scheduler") / "decoder_scheduler"
+    config = scheduler / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"learned_range"', '"fixed_small_log"'))
     # GLIDE torch pickles.
     pt = GLIDE_PT.read_bytes()
     (f / "glide_cut.pt").write_bytes(pt[: len(pt) // 2])
@@ -170,6 +186,9 @@ CASES = [
     ("weights-renamed-key", "convert clip {file:clip_renamed} --out {out}", "q_proj"),
     ("weights-misshaped", "convert clip {file:clip_misshaped} --out {out}", "q_proj"),
     ("karlo-missing-part", "convert karlo {file:karlo_no_text_proj} --out {out}", "text_proj"),
+    ("karlo-renamed-key", "convert karlo {file:karlo_renamed} --out {out}", "to_q"),
+    ("karlo-misshaped", "convert karlo {file:karlo_misshaped} --out {out}", "to_q"),
+    ("karlo-scheduler", "convert karlo {file:karlo_bad_scheduler} --out {out}", "variance_type"),
     ("pt-cut", f"convert glide {{file:glide_cut.pt}} --tokenizer {GLIDE_BPE} --out {{out}}",
      "glide_cut.pt"),
     ("pt-not-a-zip", f"convert glide {{file:glide_text.pt}} --tokenizer {GLIDE_BPE} --out {{out}}",

@@ -24,6 +24,7 @@ params' tree and shapes (jax.eval_shape, no compute), so a run that loads is a r
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pathlib
@@ -191,13 +192,15 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
             if name == "prior":
                 config.sample.clamp = clamp
 
-    runs = {}
+    # Every component is read and checked before anything is written: a folder that fails
+    # anywhere leaves no run behind that looks complete.
+    writes = {}
 
     clip_cfg, clip_params = karlo_clip(root)
-    runs["clip"] = _clip_run(clip_cfg, clip_params, root / "tokenizer", out / "clip",
-                             preset=clip_preset, source=root, what="Karlo CLIP")  # fmt: skip
+    writes["clip"] = lambda: _clip_run(clip_cfg, clip_params, root / "tokenizer", out / "clip",
+                                       preset=clip_preset, source=root,
+                                       what="Karlo CLIP")  # fmt: skip
     context = clip_cfg.text.context_length
-    log.info("converted CLIP -> %s", runs["clip"])
 
     if (root / "prior").is_dir():
         prior, prior_params = load_diffusers_prior(root / "prior")
@@ -212,8 +215,7 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
                                                                    jax.random.key(0))),
                        prior_params)  # fmt: skip
         _stamp(config, root / "prior", "diffusers PriorTransformer")
-        runs["prior"] = save_params(out / "prior", config, prior_params)
-        log.info("converted prior -> %s", runs["prior"])
+        writes["prior"] = functools.partial(save_params, out / "prior", config, prior_params)
 
     decoder, dec_params = load_diffusers_decoder(root)
     config = _preset(decoder_preset)
@@ -228,8 +230,7 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
                        dec.decoder_from_config(m), jax.random.key(0), text_ctx=m.text_ctx)),
                    dec_params)  # fmt: skip
     _stamp(config, root / "decoder", "diffusers unCLIP decoder + text_proj")
-    runs["decoder"] = save_params(out / "decoder", config, dec_params)
-    log.info("converted decoder -> %s", runs["decoder"])
+    writes["decoder"] = functools.partial(save_params, out / "decoder", config, dec_params)
 
     if (root / "super_res_first").is_dir():
         up, first = load_diffusers_upsampler(root / "super_res_first",
@@ -254,8 +255,11 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
             _check_matches("Karlo super_res_last", m, build, last)
             params = {"first": first, "last": last}
         _stamp(config, root / "super_res_first", "diffusers unCLIP super-res")
-        runs["upsampler"] = save_params(out / "upsampler", config, params)
-        log.info("converted upsampler -> %s", runs["upsampler"])
+        writes["upsampler"] = functools.partial(save_params, out / "upsampler", config, params)
+    runs = {}
+    for name, write in writes.items():
+        runs[name] = write()
+        log.info("converted %s -> %s", name, runs[name])
     return runs
 
 
