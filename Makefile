@@ -50,6 +50,7 @@ fixtures: $(VENV)/.stamp-parity
 	$(BIN)/python tests/fixtures/make_decoder_fixtures.py
 	$(BIN)/python tests/fixtures/make_karlo_fixtures.py
 	$(BIN)/python tests/fixtures/make_karlo_chain_fixtures.py
+	$(BIN)/python tests/fixtures/make_torch_pickle_fixtures.py
 
 ## bench: the CPU set, side by side against the PyTorch reference (run it alone: the timing
 ## rules of benchmarks/harness.py wait for a quiet machine), JSON in benchmarks/results/, then the

@@ -2,7 +2,8 @@
 
 tests/fixtures/glide_tiny/ comes from tests/fixtures/make_glide_fixtures.py: tiny glide-text2im
 models of all four classes (float16 state dicts written by torch.save), their float32 outputs on
-fixed inputs, and the shapes of the four released checkpoints. Only one test needs torch.
+fixed inputs, and the shapes of the four released checkpoints; tests/fixtures/torch_pickle, what
+torch.load reads from files torch.save wrote. No test needs torch.
 """
 
 import json
@@ -149,46 +150,34 @@ def test_reader_refuses_code_and_names_bad_files(tmp_path):
         load_torch_state_dict(truncated)
 
 
-def test_reader_matches_torch_load(tmp_path):
-    torch = pytest.importorskip("torch")
-    for path in sorted(FOLDER.glob("*.pt")):
-        ours, ref = load_torch_state_dict(path), torch.load(path)
-        assert list(ours) == list(ref)
-        for k, v in ref.items():
-            assert ours[k].dtype == np.float16 and np.array_equal(ours[k], v.numpy()), k
+def test_reader_matches_torch_load():
+    """Files written by torch.save (tests/fixtures/make_torch_pickle_fixtures.py) read as torch.load
+    reads them: key order, dtype, shape and bytes (SHA-256) of every tensor, including views that
+    share a storage (transposed, offset and strided), bfloat16 (as float32), bool, int64 and 0-d
+    tensors; nested state dicts unwrap; ambiguous nesting, pickled modules and torch's legacy
+    format are refused with the reason."""
+    import hashlib
+    import json
 
-    base = torch.randn(6, 8)
-    state = {
-        "float": torch.randn(3, 4),
-        "half": torch.randn(5).half(),
-        "bf16": torch.randn(4, 3).bfloat16(),
-        "base": base,  # a whole storage, which the next two share
-        "transposed": base.t(),  # non-contiguous
-        "offset": base[2:, 1::2],  # offset and strided, sharing base's storage
-        "int": torch.arange(5),
-        "bool": torch.tensor([True, False]),
-        "scalar": torch.tensor(3.0),
-        "param": torch.nn.Parameter(torch.randn(2)),
-    }
-    torch.save(state, tmp_path / "mixed.pt")
-    ours, ref = load_torch_state_dict(tmp_path / "mixed.pt"), torch.load(tmp_path / "mixed.pt")
-    for k, v in ref.items():
-        v = v.detach()
-        expected = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-        assert ours[k].dtype == expected.dtype and np.array_equal(ours[k], expected), k
-
-    # Nested checkpoints unwrap when one entry holds the state dict, and not when two could.
-    torch.save({"model": state, "epoch": 3}, tmp_path / "nested.pt")
-    assert list(load_torch_state_dict(tmp_path / "nested.pt")) == list(state)
-    torch.save({"model": state, "state_dict": state}, tmp_path / "two.pt")
+    fixtures = FOLDER.parent
+    pickles = fixtures / "torch_pickle"
+    expected = json.loads((pickles / "expected.json").read_text())
+    assert {"torch_pickle/mixed.pt", "torch_pickle/nested.pt", "glide_tiny/base.pt"} <= set(
+        expected
+    )
+    for name, tensors in expected.items():
+        ours = load_torch_state_dict(fixtures / name)
+        assert list(ours) == list(tensors), name
+        for key, (dtype, shape, sha) in tensors.items():
+            array = np.ascontiguousarray(ours[key])
+            assert (array.dtype.name, list(array.shape)) == (dtype, shape), (name, key)
+            assert hashlib.sha256(array.tobytes()).hexdigest() == sha, (name, key)
     with pytest.raises(ConversionError, match="ambiguous"):
-        load_torch_state_dict(tmp_path / "two.pt")
-    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+        load_torch_state_dict(pickles / "two.pt")
     with pytest.raises(ConversionError, match="torch.nn.modules.linear.Linear.*state_dict"):
-        load_torch_state_dict(tmp_path / "module.pt")
-    torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+        load_torch_state_dict(pickles / "module.pt")
     with pytest.raises(ConversionError, match="legacy"):
-        load_torch_state_dict(tmp_path / "old.pt")
+        load_torch_state_dict(pickles / "old.pt")
 
 
 # ------------------------------------------------------------------------------------------------
