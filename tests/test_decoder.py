@@ -69,11 +69,13 @@ def test_conditioning_and_output_match_diffusers(converted):
         return conditioning, decoder.apply({"params": params}, x, t, cond)
 
     (emb, context, mask), out = run(params, nhwc(DATA["sample"]), DATA["timesteps"], cond)
-    np.testing.assert_allclose(emb, DATA["emb"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(context, DATA["context"], rtol=1e-5, atol=1e-5)
+    # Absolute tolerances ~10x the measured errors (0 and 4.8e-7 on values up to 2.8).
+    np.testing.assert_allclose(emb, DATA["emb"], rtol=0, atol=5e-6)
+    np.testing.assert_allclose(context, DATA["context"], rtol=0, atol=5e-6)
     assert mask.shape == (4, 4 + DATA["text_mask"].shape[1]) and bool(mask[:, :4].all())
-    ref = nhwc(DATA["out"])
-    assert float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))) < 1e-4
+    err = float(jnp.max(jnp.abs(out - nhwc(DATA["out"]))))
+    print(f"decoder vs diffusers: max abs {err:.2e}")
+    assert err < 5e-5, err  # measured 5.4e-6
 
 
 def test_renamed_key_and_wrong_shape_are_named(tmp_path):

@@ -43,8 +43,9 @@ def test_output_matches_diffusers_unet2dmodel():
     np.testing.assert_allclose(up, nhwc(DATA["upscaled"]), atol=1e-5)
     out = jax.jit(make_model_fn(model))(params, nhwc(DATA["sample"]), DATA["timesteps"],
                                         {"low_res": nhwc(DATA["low_res"])})  # fmt: skip
-    ref = nhwc(DATA["out"])
-    assert float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))) < 1e-4
+    err = float(jnp.max(jnp.abs(out - nhwc(DATA["out"]))))
+    print(f"upsampler vs diffusers: max abs {err:.2e}")
+    assert err < 4e-5, err  # measured 4.1e-6
 
 
 def test_renamed_key_and_wrong_shape_are_named(tmp_path):
