@@ -1,7 +1,8 @@
-"""bfloat16 compute (DESIGN 1): matmuls and convolutions in bf16, norms, softmax and losses in float32,
-for every model family: GLIDE's UNet and text transformer, the unCLIP decoder and upsampler, the
-diffusion prior, the AR prior and CLIP. Checked on the traced program (jaxpr), so that a norm
-statistic, a softmax max / exp / sum or a log-probability computed in bf16 anywhere fails."""
+"""bfloat16 compute (DESIGN 1): matmuls and convolutions in bf16; norms, softmax and losses in
+float32, for every model family: GLIDE's UNet and text transformer, the unCLIP decoder and
+upsampler, the diffusion prior, the AR prior and CLIP. Checked on the traced program (jaxpr), so
+that a norm statistic, a softmax max / exp / sum or a log-probability computed in bf16 anywhere
+fails."""
 
 import collections
 
