@@ -94,8 +94,11 @@ def test_bf16_matmuls_with_float32_norms_and_softmax(name):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
     params = nn.meta.unbox(variables["params"])
     counts = primitive_dtypes(lambda p: model.apply({"params": p}, *args, **kwargs), params)
-    bf16_products = sum(n for (prim, dt), n in counts.items()
-                        if prim in ("dot_general", "conv_general_dilated") and dt == "bfloat16")
+    bf16_products = sum(
+        n
+        for (prim, dt), n in counts.items()
+        if prim in ("dot_general", "conv_general_dilated") and dt == "bfloat16"
+    )
     assert bf16_products > 0, counts  # the compute dtype is in effect
     wrong = {k: n for k, n in counts.items() if k[0] in FLOAT32_ONLY and k[1] != "float32"}
     assert not wrong, f"{name}: reductions / exp / rsqrt / log outside float32: {wrong}"
