@@ -290,7 +290,8 @@ def _add_unclip_runs(parser, with_priors: bool = True) -> None:
     parser.add_argument("--clip", help="unCLIP: the CLIP run folder (its tokenizer inside)")
     parser.add_argument("--decoder", help="unCLIP: the decoder run folder")
     parser.add_argument("--upsamplers", nargs="*", metavar="RUN",
-                        help="unCLIP: upsampler run folders, in order")  # fmt: skip
+                        help="unCLIP: upsampler run folders, in order (every word after it "
+                        "until the next flag: give prompts and images first)")  # fmt: skip
     if with_priors:
         parser.add_argument("--prior-run", help="unCLIP: the diffusion prior's run folder")
         parser.add_argument("--ar-prior-run", help="unCLIP: the autoregressive prior's run")
@@ -443,8 +444,8 @@ def _cmd_convert(args) -> None:
         ups = f" --upsamplers {written['upsampler']}" if "upsampler" in written else ""
         runs_args = f"--clip {written['clip']} --decoder {written['decoder']}{ups}"
         if "prior" in written:
-            print(f"sample with: unclip-jax sample --pipeline unclip {runs_args} "
-                  f'--prior-run {written["prior"]} "a prompt"')  # fmt: skip
+            print(f'sample with: unclip-jax sample "a prompt" --pipeline unclip {runs_args} '
+                  f"--prior-run {written['prior']}")  # fmt: skip
         print(f"vary an image with: unclip-jax vary IMAGE {runs_args}")
     if args.source == "glide":
         print(
@@ -492,7 +493,7 @@ def _add_stage_args(parser, stage: str, *, sampler, steps) -> None:
     )
     parser.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
                         help=f"classifier-free guidance of {stage}: one scale or one per "
-                        "prompt")  # fmt: skip
+                        "prompt (it takes every number after it: give prompts first)")  # fmt: skip
 
 
 def _add_config_args(parser, default=None) -> None:
@@ -560,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sample.add_argument(
         "--prior-guidance", type=float, nargs="+", metavar="SCALE",
-        help="unCLIP: the prior's guidance, one scale or one per prompt",
+        help="unCLIP: the prior's guidance, one scale or one per prompt (give prompts first)",
     )  # fmt: skip
     _add_stage_args(sample, "the base/decoder stage", sampler=None, steps=None)
     _add_step_arg(sample)
