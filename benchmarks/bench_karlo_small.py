@@ -187,16 +187,19 @@ class Ours:
     """unclip-jax's stack loaded from the diffusers folder, one jitted sampler per stage."""
 
     def __init__(self, folder: pathlib.Path, timesteps: dict, *, context_length: int = 77,
-                 low_res_size: int = 64):  # fmt: skip
+                 low_res_size: int = 64, dtype=jnp.float32):  # fmt: skip
         config, clip_params = load_hf_clip(folder / "text_encoder")
         tokenizer = ClipTokenizer.from_pretrained(folder / "tokenizer",
                                                   context_length=context_length)  # fmt: skip
-        self.clip = ClipEncoder(clip_from_config(config, towers="text"), clip_params, tokenizer)
-        self.prior, self.prior_params = load_diffusers_prior(folder / "prior")
-        self.decoder, self.decoder_params = load_diffusers_decoder(folder)
+        self.clip = ClipEncoder(clip_from_config(config, towers="text", dtype=dtype), clip_params,
+                                tokenizer)  # fmt: skip
+        self.prior, self.prior_params = load_diffusers_prior(folder / "prior", dtype=dtype)
+        self.decoder, self.decoder_params = load_diffusers_decoder(folder, dtype=dtype)
         self.super_res, first = load_diffusers_upsampler(folder / "super_res_first",
-                                                         low_res_size=low_res_size)  # fmt: skip
-        _, last = load_diffusers_upsampler(folder / "super_res_last", low_res_size=low_res_size)
+                                                         low_res_size=low_res_size,
+                                                         dtype=dtype)  # fmt: skip
+        _, last = load_diffusers_upsampler(folder / "super_res_last", low_res_size=low_res_size,
+                                           dtype=dtype)  # fmt: skip
         self.super_res_params = {"first": first, "last": last}
         # The UnCLIPScheduler grids, kept exactly (use_timesteps).
         grid = functools.partial(diffusion.create_diffusion, "cosine", 1000)

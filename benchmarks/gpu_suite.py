@@ -8,7 +8,9 @@ Three parts, each recorded (or its failure, or why it was skipped) in OUT/gpu_su
    against the device's dense bf16 peak (goal >= 40% on H100/H200).
 2. `karlo_sampling`: bench-karlo-small end to end (prior 25, decoder 25, super-res 7 steps,
    batch 4) for unclip-jax and diffusers' UnCLIPPipeline on the same device (goal torch/jax >=
-   1.5). Needs torch (with CUDA) and diffusers; skipped, with the reason, when either is absent.
+   1.5), in float32 and in half precision (ours bfloat16 compute, `--dtype bfloat16`; diffusers
+   float16, as Karlo is usually run). Needs torch (with CUDA) and diffusers; skipped, with the
+   reason, when either is absent. On a CPU (the dry run) the half-precision pair is ours alone.
 3. `attention`: `jax.nn.dot_product_attention` (cuDNN's fused kernel where there is one, XLA's
    otherwise) against our plain attention (models/layers.py) at the UNets' shapes, forward and
    forward + backward, bf16.
@@ -130,6 +132,16 @@ def _train_step_at(spec: str, batch: int, repeats: int) -> dict:
 
 # ------------------------------------------------------------------------------ 2. karlo sampling
 def karlo_sampling(dry_run: bool, repeats: int) -> dict:
+    """Both precisions: {"float32": ..., "half": ...}, each as `_karlo_pair` measures it."""
+    out = _karlo_pair(dry_run, repeats, half=False)
+    if out["status"] != "ok":
+        return out
+    half = _karlo_pair(dry_run, repeats, half=True, torch_half=out["torch_device"] == "cuda")
+    return {"status": "ok", "float32": out, "half": half,
+            "torch_over_jax": out["torch_over_jax"]}  # fmt: skip
+
+
+def _karlo_pair(dry_run: bool, repeats: int, *, half: bool, torch_half: bool = True) -> dict:
     try:
         import diffusers  # noqa: F401
         import torch
@@ -144,12 +156,14 @@ def karlo_sampling(dry_run: bool, repeats: int) -> dict:
         folder = pathlib.Path(tmp) / "karlo-small"
         bench.build_reference(folder)
         pipe = bench.load_reference(folder).to(device)
+        if half and torch_half:
+            pipe = pipe.to(device, torch.float16)
         grids = {}
         for name in bench.STEPS:
             scheduler = getattr(pipe, f"{name}_scheduler")
             scheduler.set_timesteps(bench.STEPS[name])
             grids[name] = scheduler.timesteps.cpu().numpy().copy()
-        ours = bench.Ours(folder, grids)
+        ours = bench.Ours(folder, grids, dtype=jnp.bfloat16 if half else jnp.float32)
     rng = np.random.default_rng(1)
     latents = {"prior": rng.standard_normal((bench.BATCH, 256)),
                "decoder": rng.standard_normal((bench.BATCH, 64, 64, 3)),
@@ -175,18 +189,25 @@ def karlo_sampling(dry_run: bool, repeats: int) -> dict:
                         output_type="np").images  # fmt: skip
 
     start = time.perf_counter()
-    mine()
+    images = mine()
     first = time.perf_counter() - start
     ours_t, ref_t = [], []
-    theirs()  # warm-up
+    compare = half and not torch_half  # a CPU dry run: ours in bf16 alone
+    if not compare:
+        theirs()  # warm-up
     for _ in range(repeats):  # interleaved
         ours_t.append(timeit(mine, 1, warmup=0)["median_s"])
-        ref_t.append(timeit(theirs, 1, warmup=0)["median_s"])
-    jax_s, torch_s = statistics.median(ours_t), statistics.median(ref_t)
-    return {"status": "ok", "torch_device": device, "steps": bench.STEPS, "batch": bench.BATCH,
+        if not compare:
+            ref_t.append(timeit(theirs, 1, warmup=0)["median_s"])
+    jax_s = statistics.median(ours_t)
+    torch_s = statistics.median(ref_t) if ref_t else None
+    return {"status": "ok", "torch_device": device, "steps": dict(bench.STEPS),
+            "batch": bench.BATCH, "jax_dtype": "bfloat16" if half else "float32",
+            "torch_dtype": ("float16" if half else "float32") if ref_t else None,
             "jax_first_call_s": first, "jax_runs_s": ours_t, "torch_runs_s": ref_t,
             "jax_median_s": jax_s, "torch_median_s": torch_s,
-            "torch_over_jax": torch_s / jax_s, "goal": 1.5}  # fmt: skip
+            "jax_images_finite": bool(np.isfinite(images).all()),
+            "torch_over_jax": torch_s / jax_s if torch_s else None, "goal": 1.5}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ 3. attention

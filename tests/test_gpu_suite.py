@@ -28,6 +28,10 @@ def test_dry_run_writes_every_part(tmp_path):
     assert sampling["status"] in ("ok", "skipped"), sampling
     if sampling["status"] == "ok":  # torch and diffusers installed
         assert sampling["torch_over_jax"] > 0
+        assert sampling["float32"]["jax_dtype"] == "float32"
+        half = sampling["half"]  # on the CPU: ours in bfloat16 alone
+        assert half["jax_dtype"] == "bfloat16" and half["jax_images_finite"], half
+        assert half["jax_median_s"] > 0 and half["torch_over_jax"] is None
     else:
         assert "torch" in sampling["why"]
     (row,) = parts["attention"]["shapes"]

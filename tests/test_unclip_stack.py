@@ -56,8 +56,12 @@ def test_sample_vary_interpolate_commands(runs, tmp_path):
     image = root / "input.png"
     Image.fromarray(np.full((40, 40, 3), (220, 50, 50), np.uint8)).save(image)
     base = ["--clip", runs["clip"], "--decoder", runs["decoder"], "--steps", "3"]
-    assert cli.main(["vary", str(image), *base, "--n", "2", "--out", str(tmp_path / "v")]) == 0
-    assert len(json.loads((tmp_path / "v" / "record.json").read_text())["images"]) == 2
+    # Variations in bfloat16 compute: the runs' networks rebuilt with dtype bf16, recorded.
+    argv = ["vary", str(image), *base, "--n", "2", "--dtype", "bfloat16", "--out",
+            str(tmp_path / "v")]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads((tmp_path / "v" / "record.json").read_text())
+    assert len(record["images"]) == 2 and record["dtype"] == "bfloat16"
     argv = ["interpolate", str(image), str(image), *base, "--n", "3", "--out",
             str(tmp_path / "i")]  # fmt: skip
     assert cli.main(argv) == 0

@@ -231,13 +231,14 @@ def _cmd_sample(args) -> None:
 
         if not args.base:
             raise UserError("--pipeline glide needs --base RUN (a GLIDE base run folder)")
-        pipe = pipeline_from_runs(args.base, args.upsampler)
+        pipe = pipeline_from_runs(args.base, args.upsampler, dtype=args.dtype)
         scales = _scales(args.guidance or [3.0], len(prompts), "--guidance")
         out = pipe(prompts, rng, guidance_scale=np.asarray(scales, np.float32),
                    base_respacing=str(args.steps or 100),
                    base_sampler=args.sampler or "ddpm")  # fmt: skip
         record = dict(pipeline="glide", base=args.base, upsampler=args.upsampler,
-                      sampler=args.sampler, steps=args.steps or 100, guidance=scales)  # fmt: skip
+                      sampler=args.sampler, steps=args.steps or 100, guidance=scales,
+                      dtype=args.dtype)  # fmt: skip
     else:
         pipe = _unclip_pipeline(args)
         scales = _scales(args.guidance or [pipe.decoder_sample.get("guidance_scale", 1.0)],
@@ -252,7 +253,8 @@ def _cmd_sample(args) -> None:
         record = dict(pipeline="unclip", runs=_unclip_runs(args), prior=args.prior,
                       prior_guidance=prior_scales, decoder_guidance=scales,
                       decoder_sampler=args.sampler or pipe.decoder_sample.get("sampler"),
-                      decoder_steps=args.steps or pipe.decoder_sample.get("respacing"))  # fmt: skip
+                      decoder_steps=args.steps or pipe.decoder_sample.get("respacing"),
+                      dtype=args.dtype)  # fmt: skip
     images = jax.device_get(out["images"])
     from unclip_jax import compile_cache
 
@@ -282,8 +284,8 @@ def _unclip_pipeline(args):
     if getattr(args, "prior", "none") == "ar" and not args.ar_prior_run:
         raise UserError("--prior ar needs --ar-prior-run RUN")
     return pipeline_from_runs(clip=args.clip, decoder=args.decoder, prior=args.prior_run,
-                              ar_prior=args.ar_prior_run,
-                              upsamplers=args.upsamplers or ())  # fmt: skip
+                              ar_prior=args.ar_prior_run, upsamplers=args.upsamplers or (),
+                              dtype=getattr(args, "dtype", None))  # fmt: skip
 
 
 def _add_unclip_runs(parser, with_priors: bool = True) -> None:
@@ -315,6 +317,7 @@ def _add_manipulation_args(parser, func, out: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=out)
     _add_step_arg(parser)
+    _add_dtype_arg(parser)
     parser.set_defaults(func=func, prior="none", prior_run=None, ar_prior_run=None)
 
 
@@ -328,7 +331,7 @@ def _cmd_vary(args) -> None:
     out = pipe.variations(image, jax.random.key(args.seed), n=args.n, eta=args.eta,
                           respacing=f"ddim{args.steps}")  # fmt: skip
     record = dict(command="vary", image=args.image, n=args.n, eta=args.eta, steps=args.steps,
-                  seed=args.seed, runs=_unclip_runs(args))  # fmt: skip
+                  seed=args.seed, runs=_unclip_runs(args), dtype=args.dtype)  # fmt: skip
     paths = save_samples(args.out, jax.device_get(out["images"]), record, stem="variation")
     print(f"wrote {args.n} variations: {paths['grid']}")
 
@@ -346,7 +349,7 @@ def _cmd_interpolate(args) -> None:
                            fixed_noise=args.fixed_noise, respacing=f"ddim{args.steps}")  # fmt: skip
     record = dict(command="interpolate", images=[args.image_a, args.image_b],
                   thetas=thetas.tolist(), fixed_noise=args.fixed_noise, steps=args.steps,
-                  seed=args.seed, runs=_unclip_runs(args))  # fmt: skip
+                  seed=args.seed, runs=_unclip_runs(args), dtype=args.dtype)  # fmt: skip
     paths = save_samples(args.out, jax.device_get(out["images"]), record, ncol=args.n,
                          stem="interpolation")  # fmt: skip
     print(f"wrote {args.n} interpolation frames: {paths['grid']}")
@@ -398,7 +401,7 @@ def _cmd_inpaint(args) -> None:
 
     prompts = _read_prompts(args)
     repaint = _read_mask(args.mask, args.image)
-    pipe = pipeline_from_runs(args.base, args.upsampler)
+    pipe = pipeline_from_runs(args.base, args.upsampler, dtype=args.dtype)
     stage = pipe.upsampler or pipe.base
     if "inpaint" not in pipe.base.model.mode:
         print(f"note: {args.base} is a {pipe.base.model.mode!r} model, not an inpainting "
@@ -416,7 +419,7 @@ def _cmd_inpaint(args) -> None:
                inpaint_mask=np.broadcast_to(keep, (batch,) + keep.shape))  # fmt: skip
     record = dict(command="inpaint", image=args.image, mask=args.mask, base=args.base,
                   upsampler=args.upsampler, sampler=args.sampler, steps=args.steps,
-                  guidance=scales, prompts=prompts, seed=args.seed,
+                  guidance=scales, prompts=prompts, seed=args.seed, dtype=args.dtype,
                   seconds=time.perf_counter() - start)  # fmt: skip
     paths = save_samples(args.out, jax.device_get(out["images"]), record, stem="inpaint")
     print(f"wrote {batch} inpaintings: {paths['grid']}, {paths['record']}")
@@ -494,6 +497,17 @@ def _add_stage_args(parser, stage: str, *, sampler, steps) -> None:
     parser.add_argument("--guidance", type=float, nargs="+", metavar="SCALE",
                         help=f"classifier-free guidance of {stage}: one scale or one per "
                         "prompt (it takes every number after it: give prompts first)")  # fmt: skip
+    _add_dtype_arg(parser)
+
+
+def _add_dtype_arg(parser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the networks' compute dtype (bfloat16: faster on GPUs and TPUs, "
+        "slower on CPUs; params, norms, softmax and the sampler stay float32)",
+    )
 
 
 def _add_config_args(parser, default=None) -> None:

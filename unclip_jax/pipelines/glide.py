@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from unclip_jax import compile_cache, diffusion
 from unclip_jax.imaging import area_downsample, nearest_downsample, quantize_8bit
 from unclip_jax.models.glide import GlideUNet
+from unclip_jax.pipelines.stage import sampling_dtype
 from unclip_jax.tokenizers import glide_tokenize
 
 log = logging.getLogger(__name__)
@@ -158,27 +159,30 @@ class GlidePipeline:
         return out
 
 
-def stage_from_run(path) -> tuple[GlideStage, object]:
-    """(GlideStage, config) from a training run's workdir (its config and EMA params)."""
+def stage_from_run(path, dtype=None) -> tuple[GlideStage, object]:
+    """(GlideStage, config) from a training run's workdir (its config and EMA params); `dtype`
+    is the compute dtype (default float32; params stay float32)."""
     from unclip_jax.checkpoint import load_run
     from unclip_jax.models.glide import glide_from_config
 
     config, params = load_run(path)
     if config.get("kind") != "glide":
         raise ValueError(f"{path} is a {config.get('kind')!r} run, not a GLIDE one")
-    return GlideStage(glide_from_config(config.model), params, config.diffusion), config
+    model = glide_from_config(config.model, dtype=sampling_dtype(dtype))
+    return GlideStage(model, params, config.diffusion), config
 
 
-def pipeline_from_runs(base, upsampler=None) -> GlidePipeline:
-    """GlidePipeline from run folders: the base (and an optional upsampler) with their tokenizer."""
+def pipeline_from_runs(base, upsampler=None, *, dtype=None) -> GlidePipeline:
+    """GlidePipeline from run folders: the base (and an optional upsampler) with their tokenizer;
+    `dtype`: the networks' compute dtype (float32 or bfloat16; default float32)."""
     from unclip_jax.checkpoint import run_folder
     from unclip_jax.tokenizers import glide_tokenizer_from_config
 
     compile_cache.enable()
-    base_stage, config = stage_from_run(base)
+    base_stage, config = stage_from_run(base, dtype)
     up_stage = None
     if upsampler is not None:
-        up_stage, _ = stage_from_run(upsampler)
+        up_stage, _ = stage_from_run(upsampler, dtype)
         if "upsample" not in up_stage.model.mode:
             raise ValueError(f"{upsampler} holds a {up_stage.model.mode!r} model, not an "
                              "upsampler")  # fmt: skip

@@ -28,7 +28,7 @@ import numpy as np
 
 from unclip_jax import compile_cache
 from unclip_jax.pipelines import manipulations
-from unclip_jax.pipelines.stage import DiffusionStage
+from unclip_jax.pipelines.stage import DiffusionStage, sampling_dtype
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def _run_of_kind(path, kind: str, *, ema: bool = True):
     return config, params
 
 
-def clip_from_run(path) -> ClipEncoder:
+def clip_from_run(path, dtype=None) -> ClipEncoder:
     """The CLIP encoder of a `clip` run (its params and the BPE in its tokenizer/ folder)."""
     from unclip_jax.models.clip import clip_from_config
     from unclip_jax.tokenizers import ClipTokenizer
@@ -352,27 +352,28 @@ def clip_from_run(path) -> ClipEncoder:
         raise FileNotFoundError(f"{folder} is missing: a clip run saves its BPE there")
     context = config.model.text.context_length
     tokenizer = ClipTokenizer.from_pretrained(folder, context_length=context)
-    return ClipEncoder(clip_from_config(config.model), params, tokenizer)
+    return ClipEncoder(clip_from_config(config.model, dtype=sampling_dtype(dtype)), params,
+                       tokenizer)  # fmt: skip
 
 
-def prior_from_run(path) -> PriorStage:
+def prior_from_run(path, dtype=None) -> PriorStage:
     from unclip_jax.models.prior import prior_from_config
     from unclip_jax.pipelines.prior import sampler_from_config
 
     config, params = _run_of_kind(path, "prior")
-    model = prior_from_config(config.model)
+    model = prior_from_config(config.model, dtype=sampling_dtype(dtype))
     return PriorStage("diffusion", sampler_from_config(model, config), params, model,
                       sample=dict(config.sample))  # fmt: skip
 
 
-def ar_prior_from_run(path) -> PriorStage:
+def ar_prior_from_run(path, dtype=None) -> PriorStage:
     from unclip_jax.checkpoint import run_folder
     from unclip_jax.models.ar_prior import ar_prior_from_config
     from unclip_jax.pipelines.ar_prior import ARPriorSampler
     from unclip_jax.train.unclip_kinds import load_codec
 
     config, params = _run_of_kind(path, "ar_prior")
-    model = ar_prior_from_config(config.model)
+    model = ar_prior_from_config(config.model, dtype=sampling_dtype(dtype))
     codec = load_codec(run_folder(path))
     return PriorStage("ar", ARPriorSampler(model), params, model, codec=codec,
                       sample=dict(config.sample))  # fmt: skip
@@ -383,18 +384,20 @@ def _stage(model, params, config, make_model_fn) -> DiffusionStage:
     return DiffusionStage(make_model_fn(model), params, config.diffusion, (size, size, 3))
 
 
-def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None,
-                       upsamplers=()) -> UnclipPipeline:  # fmt: skip
-    """An UnclipPipeline from run folders (`unclip-jax train` workdirs)."""
+def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None, upsamplers=(),
+                       dtype=None) -> UnclipPipeline:  # fmt: skip
+    """An UnclipPipeline from run folders (`unclip-jax train` workdirs); `dtype`: the networks'
+    compute dtype (float32 or bfloat16; default float32; params stay float32)."""
     from unclip_jax.models.decoder import decoder_from_config, make_model_fn, upsampler_from_config
     from unclip_jax.tokenizers import glide_tokenizer_from_config
 
     compile_cache.enable()
     dec_config, dec_params = _run_of_kind(decoder, "decoder")
-    dec_model = decoder_from_config(dec_config.model)
+    dtype = sampling_dtype(dtype)
+    dec_model = decoder_from_config(dec_config.model, dtype=dtype)
     glide = dec_model.text is not None
     pipe = UnclipPipeline(
-        clip=clip_from_run(clip),
+        clip=clip_from_run(clip, dtype),
         decoder=_stage(dec_model, dec_params, dec_config, make_model_fn),
         decoder_model=dec_model,
         decoder_sample=dict(dec_config.sample),
@@ -402,12 +405,12 @@ def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None,
         pad_id=dec_config.model.text.pad_id if glide else None,
     )
     if prior is not None:
-        pipe.priors["diffusion"] = prior_from_run(prior)
+        pipe.priors["diffusion"] = prior_from_run(prior, dtype)
     if ar_prior is not None:
-        pipe.priors["ar"] = ar_prior_from_run(ar_prior)
+        pipe.priors["ar"] = ar_prior_from_run(ar_prior, dtype)
     for path in upsamplers:
         config, params = _run_of_kind(path, "upsampler")
-        model = upsampler_from_config(config.model)
+        model = upsampler_from_config(config.model, dtype=dtype)
         # Converted Karlo upsamplers hold {"first", "last"}: the second network's final step.
         model_fn = make_last_step_model_fn if config.model.get("last_step") else make_model_fn
         pipe.upsamplers.append((_stage(model, params, config, model_fn),
@@ -430,6 +433,7 @@ def pipeline_from_diffusers(
     prior_config: str = "prior_diffusion:karlo",
     decoder_config: str = "decoder64:karlo",
     upsampler_config: str = "upsample256:karlo",
+    dtype=None,
 ) -> UnclipPipeline:
     """An UnclipPipeline from a diffusers unCLIP folder: kakaobrain/karlo-v1-alpha's layout
     (text_encoder/ + tokenizer/ (CLIP), prior/, text_proj/ + decoder/, super_res_first/ (and
@@ -441,7 +445,8 @@ def pipeline_from_diffusers(
     sections (Karlo's: prior 25 steps guidance 4, decoder learned range with guidance 8, super-res
     7 ancestral steps); the x_0 clamps from the folder's `*_scheduler/scheduler_config.json`
     where present (karlo-v1-alpha: prior 5.0, decoder and super-res 1.0), whose schedule,
-    prediction and variance types must match the configs. Nothing is downloaded.
+    prediction and variance types must match the configs. `dtype`: the networks' compute dtype
+    (float32 or bfloat16; default float32). Nothing is downloaded.
     """
     from unclip_jax import config_utils
     from unclip_jax.convert.clip import load_hf_clip
@@ -453,6 +458,7 @@ def pipeline_from_diffusers(
     from unclip_jax.tokenizers import ClipTokenizer
 
     compile_cache.enable()  # before the converters' first jitted op
+    dtype = sampling_dtype(dtype)
     root = pathlib.Path(root)
     for name in ("text_encoder", "tokenizer", "text_proj", "decoder"):
         if not (root / name).is_dir():
@@ -462,13 +468,13 @@ def pipeline_from_diffusers(
         raise FileNotFoundError(f"{root} has neither prior/ (text to image) nor image_encoder/ "
                                 "(image variations): not a diffusers unCLIP folder")  # fmt: skip
     text_cfg, text_params = load_hf_clip(root / "text_encoder")
-    text_model = clip_from_config(text_cfg)
+    text_model = clip_from_config(text_cfg, dtype=dtype)
     context = text_cfg.text.context_length
     tokenizer = ClipTokenizer.from_pretrained(root / "tokenizer", context_length=context)
     image_model = image_params = None
     if has_images:
         image_cfg, image_params = load_hf_clip(root / "image_encoder")
-        image_model = clip_from_config(image_cfg)
+        image_model = clip_from_config(image_cfg, dtype=dtype)
     clip = ClipEncoder(text_model, text_params, tokenizer, image_model=image_model,
                        image_params=image_params)  # fmt: skip
 
@@ -478,14 +484,14 @@ def pipeline_from_diffusers(
         with prior_cfg.unlocked():
             prior_cfg.sample.clamp = _scheduler_clamp(root, "prior", prior_cfg.diffusion,
                                                       prior_cfg.sample.get("clamp"))  # fmt: skip
-        prior_model, prior_params = load_diffusers_prior(root / "prior")
+        prior_model, prior_params = load_diffusers_prior(root / "prior", dtype=dtype)
         priors["diffusion"] = PriorStage(
             "diffusion", sampler_from_config(prior_model, prior_cfg), prior_params, prior_model,
             sample=dict(prior_cfg.sample),
         )  # fmt: skip
 
     dec_cfg = config_utils.load_config(decoder_config)
-    dec_model, dec_params = load_diffusers_decoder(root)
+    dec_model, dec_params = load_diffusers_decoder(root, dtype=dtype)
     size = dec_model.image_size
     clamp = _scheduler_clamp(root, "decoder", dec_cfg.diffusion, 1.0)
     decoder = DiffusionStage(make_model_fn(dec_model), dec_params, dec_cfg.diffusion,
@@ -501,10 +507,12 @@ def pipeline_from_diffusers(
 
     if (root / "super_res_first").is_dir():
         up_cfg = config_utils.load_config(upsampler_config)
-        up_model, first = load_diffusers_upsampler(root / "super_res_first", low_res_size=size)
+        up_model, first = load_diffusers_upsampler(root / "super_res_first", low_res_size=size,
+                                                   dtype=dtype)  # fmt: skip
         fn, params = make_model_fn(up_model), first
         if (root / "super_res_last").is_dir():
-            _, last = load_diffusers_upsampler(root / "super_res_last", low_res_size=size)
+            _, last = load_diffusers_upsampler(root / "super_res_last", low_res_size=size,
+                                               dtype=dtype)  # fmt: skip
             fn, params = make_last_step_model_fn(up_model), {"first": first, "last": last}
         shape = (up_model.image_size, up_model.image_size, 3)
         clamp = _scheduler_clamp(root, "super_res", up_cfg.diffusion, 1.0)
