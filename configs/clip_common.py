@@ -113,6 +113,9 @@ def common(c, tiny: bool = False):
     k.save_every, k.keep, k.keep_every, k.init_from = 5000, 3, 100_000, ""
     d = c.data = ml_collections.ConfigDict()
     d.name, d.dir, d.config, d.split = "shapes", "outputs/data", "default", "train"
+    # data.name "image_text": your pairs (a folder of images + .txt captions, a CSV/parquet table
+    # or webdataset tar shards), built under data.dir on first use (train.kinds.data_source).
+    d.source = ""
     d.bpe_captions = 5000  # captions the BPE is trained on (the first of the split)
     if tiny:
         c.train.log_every, k.save_every, k.keep_every, d.config = 10, 50, 0, "tiny"

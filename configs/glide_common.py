@@ -79,6 +79,9 @@ def training(c, tiny: bool, *, batch_size=2048, steps=2_500_000, sharding_rules=
     k.save_every, k.keep, k.keep_every, k.init_from = 5000, 3, 100_000, ""
     d = c.data = ml_collections.ConfigDict()
     d.name, d.dir, d.config, d.split = "shapes", "outputs/data", "default", "train"
+    # data.name "image_text": your pairs (a folder of images + .txt captions, a CSV/parquet table
+    # or webdataset tar shards), built under data.dir on first use (train.kinds.data_source).
+    d.source = ""
     # GPT-2's BPE from the run's tokenizer/ (or ckpt.init_from's); without one, a GPT-2-style BPE
     # learned on the captions (train.kinds.glide_tokenizer_for_run).
     d.tokenizer = "gpt2_bpe"

@@ -460,7 +460,7 @@ def _cmd_convert(args) -> None:
 def _cmd_data_prepare(args) -> None:
     from unclip_jax.data.embed_cli import open_source
 
-    builder = open_source(args.dataset, args.data_dir)
+    builder = open_source(args.dataset, args.data_dir, args.validation_fraction)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
     print(f"{builder.info.full_name} in {builder.data_dir}: " +
           ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))  # fmt: skip
@@ -698,6 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--dataset", required=True, help="shapes[:config] or image_text:<folder>")
     prepare.add_argument("--data_dir", required=True, help="tfds folder to build into")
+    prepare.add_argument("--validation-fraction", type=float, default=0.0,
+                         help="image_text: the fraction of pairs (chosen by a hash of their key) "
+                         "that form a validation split, for held-out loss and sample grids; "
+                         "fixed when the dataset is first built")  # fmt: skip
     prepare.set_defaults(func=_cmd_data_prepare)
     return parser
 

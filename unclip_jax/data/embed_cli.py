@@ -92,9 +92,11 @@ def load_clip(
     return model, params, f"checkpoint {folder} step {step}"
 
 
-def open_source(dataset: str, data_dir: str | None = None):
+def open_source(dataset: str, data_dir: str | None = None, validation_fraction: float = 0.0):
     """A tfds builder from `shapes[:config]`, `image_text:<folder>` (both prepared under
-    `data_dir` if not there yet) or the folder of a prepared tfds dataset."""
+    `data_dir` if not there yet; `validation_fraction` of image_text's pairs, chosen by a hash of
+    their keys, go to a `validation` split when it is first built) or the folder of a prepared
+    tfds dataset."""
     kind, _, arg = dataset.partition(":")
     if kind in ("shapes", "image_text") and data_dir is None:
         raise ValueError(f"--data_dir is needed for {kind} (where it is built or found)")
@@ -107,7 +109,8 @@ def open_source(dataset: str, data_dir: str | None = None):
 
         if not arg:
             raise ValueError("image_text needs its folder: image_text:/path/to/pairs")
-        return build_image_text(arg, data_dir, name=pathlib.Path(arg).name)[0]
+        return build_image_text(arg, data_dir, name=pathlib.Path(arg).name,
+                                validation_fraction=validation_fraction)[0]  # fmt: skip
     if (pathlib.Path(dataset) / "dataset_info.json").is_file():
         import tensorflow_datasets as tfds
 

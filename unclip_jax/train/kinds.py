@@ -61,14 +61,45 @@ def get_kind(config, workdir=None) -> ModelKind:
     raise ValueError(f"unknown model kind {kind!r}; this version trains: {', '.join(KINDS)}")
 
 
-def shapes_source(config, split: str | None = None):
-    """The run's image-text data source of `split` (default: config.data.split)."""
-    from unclip_jax.data import shapes_builder
+_WARNED_NO_VALIDATION: set[str] = set()
 
-    if config.data.name != "shapes":
-        raise ValueError(f"data.name {config.data.name!r}: only 'shapes' is wired up so far")
-    builder = shapes_builder.build_shapes(config.data.dir, config.data.config)
-    return builder.as_data_source(split or config.data.split)
+
+def data_source(config, split: str | None = None):
+    """The run's image-text data source of `split` (default: config.data.split).
+
+    data.name "shapes": the procedural captioned shapes (data.config: tiny, small, default).
+    data.name "image_text": the user's pairs at data.source (a folder of images with .txt
+    captions, a CSV/parquet table or webdataset tar shards), built under data.dir on first use
+    as `unclip-jax data prepare --dataset image_text:<source>` builds it. Without a validation
+    split (prepared with --validation-fraction 0, the default), the held-out reads (eval loss,
+    sample grids) take training examples, with a warning.
+    """
+    name, split = config.data.name, split or config.data.split
+    if name == "shapes":
+        from unclip_jax.data import shapes_builder
+
+        builder = shapes_builder.build_shapes(config.data.dir, config.data.config)
+        return builder.as_data_source(split)
+    if name != "image_text":
+        raise ValueError(f"data.name {name!r}: expected 'shapes' or 'image_text'")
+    from unclip_jax.data.image_text import build_image_text
+
+    source = config.data.get("source", "")
+    if not source:
+        raise ValueError("data.name 'image_text' needs data.source: the folder, CSV/parquet table "
+                         "or webdataset tar shards of your image-caption pairs")  # fmt: skip
+    builder, _ = build_image_text(source, config.data.dir, name=pathlib.Path(source).name)
+    if split not in builder.info.splits:
+        if split != "validation":
+            raise ValueError(f"image_text dataset {source} has no {split!r} split "
+                             f"(has: {', '.join(sorted(builder.info.splits))})")  # fmt: skip
+        if source not in _WARNED_NO_VALIDATION:
+            _WARNED_NO_VALIDATION.add(source)
+            log.warning("image_text dataset %s has no validation split (prepare it with "
+                        "--validation-fraction): held-out metrics and sample grids read "
+                        "training examples", source)  # fmt: skip
+        split = "train"
+    return builder.as_data_source(split)
 
 
 def source_captions(source, count: int) -> list[str]:
@@ -115,7 +146,7 @@ def glide_tokenizer_for_run(config, workdir=None):
             tokenizer = Gpt2BpeTokenizer.from_folder(inherited)
             save_run_tokenizer(tokenizer, folder)
         else:
-            captions = source_captions(shapes_source(config), config.data.get("bpe_captions", 5000))
+            captions = source_captions(data_source(config), config.data.get("bpe_captions", 5000))
             tokenizer = train_gpt2_bpe(captions, text.vocab_size)
             save_run_tokenizer(tokenizer, folder)
             log.info("trained a %d-id GPT-2-style BPE on %d captions (no tokenizer/ in %s)",
@@ -165,7 +196,7 @@ def glide_kind(config, workdir=None) -> ModelKind:
 
     def batches(split, global_batch, process_index, process_count, **kw):
         grain_loader = loader.make_loader(
-            shapes_source(config, split), global_batch=global_batch, seed=config.seed,
+            data_source(config, split), global_batch=global_batch, seed=config.seed,
             image_size=size, process_index=process_index, process_count=process_count, **kw,
         )  # fmt: skip
         return loader.TokenizedBatches(grain_loader, tokenizer, text.text_ctx, text.pad_id)

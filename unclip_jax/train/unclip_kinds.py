@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.train import unclip_hooks
-from unclip_jax.train.kinds import ModelKind, shapes_source
+from unclip_jax.train.kinds import ModelKind, data_source
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _embedding_batches(config, global_batch, process_index, process_count, keys,
 
     source = embedding_source(_embeddings_dir(config), config.data.split)
     if join_images:
-        source = JoinedSource(source, shapes_source(config))
+        source = JoinedSource(source, data_source(config))
     batches = make_embedding_loader(source, global_batch=global_batch, seed=config.seed,
                                     image_size=image_size, process_index=process_index,
                                     process_count=process_count)  # fmt: skip
@@ -111,7 +111,7 @@ def clip_kind(config, workdir) -> ModelKind:
                          f"{config.model.text.vocab_size}")  # fmt: skip
 
     def data(global_batch, process_index, process_count):
-        grain_loader = loader.make_loader(shapes_source(config), global_batch=global_batch,
+        grain_loader = loader.make_loader(data_source(config), global_batch=global_batch,
                                           seed=config.seed,
                                           image_size=config.model.vision.image_size,
                                           process_index=process_index,
@@ -127,7 +127,7 @@ def clip_kind(config, workdir) -> ModelKind:
 
         return loader.MappedBatches(grain_loader, tokenize)
 
-    source_of = functools.partial(shapes_source, config)  # split -> the run's data source
+    source_of = functools.partial(data_source, config)  # split -> the run's data source
     sample = unclip_hooks.clip_sample(config, model, tokenizer, source_of)
     return ModelKind(init=functools.partial(clip_init, model), loss_fn=make_clip_loss(model),
                      data=data, sample=sample)  # fmt: skip
@@ -142,7 +142,7 @@ def clip_tokenizer_for_run(config, workdir):
     context = config.model.text.context_length
     if folder.is_dir():
         return ClipTokenizer.from_pretrained(folder, context_length=context)
-    captions = source_captions(shapes_source(config), config.data.get("bpe_captions", 5000))
+    captions = source_captions(data_source(config), config.data.get("bpe_captions", 5000))
     tokenizer = train_bpe(captions, vocab_size=config.model.text.vocab_size,
                           context_length=context)  # fmt: skip
     save_run_tokenizer(tokenizer, folder)
@@ -183,7 +183,7 @@ def prior_kind(config) -> ModelKind:
         return _embedding_batches(config, global_batch, process_index, process_count, keys,
                                   text_ctx=model.text_ctx)  # fmt: skip
 
-    source_of = functools.partial(shapes_source, config)
+    source_of = functools.partial(data_source, config)
     sample = unclip_hooks.prior_sample(config, model, folder, source_of,
                                        null_text=null_text)  # fmt: skip
     return ModelKind(init=init, loss_fn=loss_fn, data=data, sample=sample)
@@ -244,7 +244,7 @@ def ar_prior_kind(config, workdir) -> ModelKind:
                                   text_ctx=model.text_ctx, post=rename)  # fmt: skip
 
     sample = unclip_hooks.ar_prior_sample(config, model, codec, _embeddings_dir(config),
-                                          functools.partial(shapes_source, config))  # fmt: skip
+                                          functools.partial(data_source, config))  # fmt: skip
     return ModelKind(init=init, loss_fn=loss_fn, data=data, sample=sample)
 
 
@@ -286,7 +286,7 @@ def decoder_kind(config, workdir=None) -> ModelKind:
     def init(rng):
         return init_params(model, rng, text_ctx=text_ctx)
 
-    source_of = functools.partial(shapes_source, config)
+    source_of = functools.partial(data_source, config)
     sample = unclip_hooks.decoder_sample(config, model, folder, source_of,
                                          null_text=null_text, tokenizer=tokenizer)  # fmt: skip
     return ModelKind(init=init, loss_fn=loss_fn_from_config(config, model, null_text=null_text),
@@ -304,7 +304,7 @@ def upsampler_kind(config) -> ModelKind:
     given = config.train.degradation == "given"
 
     def data(global_batch, process_index, process_count):
-        grain_loader = loader.make_loader(shapes_source(config), global_batch=global_batch,
+        grain_loader = loader.make_loader(data_source(config), global_batch=global_batch,
                                           seed=config.seed, image_size=model.image_size,
                                           process_index=process_index,
                                           process_count=process_count,
@@ -323,7 +323,7 @@ def upsampler_kind(config) -> ModelKind:
 
         return loader.MappedBatches(grain_loader, select)
 
-    sample = unclip_hooks.upsampler_sample(config, model, functools.partial(shapes_source, config))
+    sample = unclip_hooks.upsampler_sample(config, model, functools.partial(data_source, config))
     return ModelKind(init=functools.partial(init_params, model),
                      loss_fn=loss_fn_from_config(config, model), data=data,
                      sample=sample)  # fmt: skip
