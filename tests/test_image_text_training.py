@@ -49,7 +49,8 @@ def train(root, folder, name, config, *extra):
     for setting in [*COMMON, f"data.source={folder}", f"data.dir={root / 'data'}", *extra]:
         argv += ["--set", setting]
     assert cli.main(argv) == 0
-    metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    lines = (root / name / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps and max(steps) == 3 and all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
     assert (root / name / "checkpoints").is_dir()
