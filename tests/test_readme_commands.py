@@ -14,11 +14,18 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
 def readme_commands() -> list[str]:
+    """The `unclip-jax` lines of the README's bash blocks, with the blocks' own shell variables
+    (`D=...`, `S="..."`) substituted; lines built from loop variables are left out."""
     commands = []
     for block in re.findall(r"```(?:bash|console)\n(.*?)```", README.read_text(), re.S):
+        variables = {}
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip().removeprefix("$ ")
+            if assignment := re.fullmatch(r"([A-Z]\w*)=(.*)", line):
+                variables[assignment[1]] = " ".join(shlex.split(assignment[2]))
             if line.startswith("unclip-jax ") and "${" not in line:
+                for name, value in variables.items():
+                    line = line.replace(f"${name}", value)
                 commands.append(line.split(" # ")[0].strip())
     return commands
 
@@ -33,7 +40,7 @@ def test_the_readme_has_commands():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_parses(command):
-    argv = shlex.split(command.replace("$D", "outputs/data"))[1:]
+    argv = shlex.split(command)[1:]
     try:
         args = cli.build_parser().parse_args(argv)
     except SystemExit as err:
