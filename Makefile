@@ -53,16 +53,16 @@ fixtures: $(VENV)/.stamp-parity
 	$(BIN)/python tests/fixtures/make_torch_pickle_fixtures.py
 
 ## bench: the CPU set, side by side against the PyTorch reference (run it alone: the timing
-## rules of benchmarks/harness.py wait for a quiet machine), JSON in benchmarks/results/, then the
-## README's tables rewritten from the JSON. ~40 min on 2 cores. `make scale-plan` (hours, AOT
-## only) and benchmarks/gpu_suite.sh (a GPU) are apart.
+## rules of benchmarks/harness.py wait for a quiet machine), JSON in benchmarks/results/, then
+## the tables of docs/results.md rewritten from the JSON. ~40 min on 2 cores. `make scale-plan`
+## (hours, AOT only) and benchmarks/gpu_suite.sh (a GPU) are apart.
 bench: $(VENV)/.stamp-parity
 	UNCLIP_JAX_COMPILATION_CACHE=off $(BIN)/python benchmarks/bench_samplers.py
 	UNCLIP_JAX_COMPILATION_CACHE=off $(BIN)/python benchmarks/bench_karlo_small.py
 	$(BIN)/python benchmarks/report.py
 
 ## scale-plan: paper-scale train steps AOT-compiled on 64 fake CPU devices (no weights), and
-## Karlo's samplers' memory at batch 1 and 8, then the README's tables from benchmarks/results/
+## Karlo's samplers' memory at batch 1 and 8, then their tables (docs/results.md, README)
 scale-plan: $(VENV)/.stamp-base
 	$(BIN)/python benchmarks/scale_plan.py
 	$(BIN)/python benchmarks/karlo_memory.py

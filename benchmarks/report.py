@@ -1,7 +1,8 @@
-"""Rewrite the README's benchmark tables from benchmarks/results/*.json (run by `make bench`).
+"""Rewrite the benchmark tables of the README and docs/results.md from benchmarks/results/*.json
+(run by `make bench` and `make scale-plan`).
 
-Each table lives between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in README.md; a
-missing JSON leaves its table as it is. Numbers are never typed into the README by hand.
+Each table lives between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in either file; a
+missing JSON leaves its table as it is. Numbers are never typed into those tables by hand.
 """
 
 from __future__ import annotations
@@ -211,11 +212,15 @@ def rewrite(readme: str) -> tuple[str, list[str]]:
     return readme, done
 
 
+DOCUMENTS = ("README.md", "docs/results.md")
+
+
 def main() -> int:
-    readme = ROOT / "README.md"
-    text, done = rewrite(readme.read_text())
-    readme.write_text(text)
-    print(f"README.md: rewrote {', '.join(done) or 'nothing'}")
+    for name in DOCUMENTS:
+        path = ROOT / name
+        text, done = rewrite(path.read_text())
+        path.write_text(text)
+        print(f"{name}: rewrote {', '.join(done) or 'nothing'}")
     return 0
 
 
