@@ -1,5 +1,5 @@
 """Does a CLIP trained on `shapes` tell a held-out pair's shape? Not a speed benchmark: the
-measurement behind the README's "held-out compositions are lost first in CLIP".
+measurement behind docs/results.md's "held-out compositions are lost first in CLIP".
 
     .venv/bin/python benchmarks/clip_composition.py RUN [RUN ...]
 

@@ -16,7 +16,7 @@ on our side (XLA may run independent operations concurrently), so they add up to
 rather than wall time; the wall time per call is recorded beside them. Profiling adds overhead:
 the shares are the result, the absolute times are not a benchmark (bench_karlo_small.py is).
 
-Writes benchmarks/results/profile_karlo_small_cpu.json (report.py renders it into the README).
+Writes benchmarks/results/profile_karlo_small_cpu.json (report.py renders it into docs/results.md).
 """
 
 from __future__ import annotations
