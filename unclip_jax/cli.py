@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compilation-cache", metavar="DIR|off", default=None,
         help="JAX's persistent compilation cache: a folder, or off (default: "
-        "$UNCLIP_JAX_COMPILATION_CACHE, else ~/.cache/unclip-jax/jax; see docs/results.md, "Compile once per machine")",
+        "$UNCLIP_JAX_COMPILATION_CACHE, else ~/.cache/unclip-jax/jax; see docs/results.md)",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
