@@ -4,6 +4,7 @@ config on `shapes` tiny lowers its loss and writes checkpoints, metrics and an E
 dataset that the prior, AR prior and decoder runs read, as the demo does."""
 
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -34,6 +35,9 @@ RUNS = {
     "decoder": ("decoder64:tiny", DECODER, grid_size(2, 4, 16)),
     "upsampler": ("upsample256:tiny", UNET, grid_size(3, 4, 64)),
 }
+
+
+MAX_RATIO = {"prior": 0.6, "ar_prior": 0.96, "decoder": 0.45, "upsampler": 0.45}
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +86,15 @@ def test_tiny_kind_trains_and_samples(name, root, request):
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
     losses = [m["loss"] for m in lines]
-    # (The tiny CLIP only falls from its init to the chance plateau ln(batch) in 30 steps; the
-    # others learn: the diffusion losses drop by 2-4x.)
+    # Mean of the last 5 steps over the first 5, at most MAX_RATIO (measured: prior 0.40, AR
+    # prior 0.92, decoder 0.23, upsampler 0.25): a model that does not learn stays near 1. The
+    # tiny CLIP only falls from its init (2.90) to the chance plateau ln(16) = 2.77 in 30 steps
+    # (its learning is tests/test_clip_training.py's): it must reach that plateau.
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first, (name, first, last)
+    if name == "clip":
+        assert last < math.log(16) + 0.02 < first, (first, last)
+    else:
+        assert last < MAX_RATIO[name] * first, (name, first, last, last / first)
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
     with Image.open(workdir / "samples" / f"step_{STEPS:06d}.png") as grid:
         grid.load()
