@@ -72,7 +72,8 @@ def data_source(config, split: str | None = None):
     captions, a CSV/parquet table or webdataset tar shards), built under data.dir on first use
     as `unclip-jax data prepare --dataset image_text:<source>` builds it. Without a validation
     split (prepared with --validation-fraction 0, the default), the held-out reads (eval loss,
-    sample grids) take training examples, with a warning.
+    sample grids) take training examples, with a warning. Prepare the data before a multi-host
+    launch: the builders have no cross-host lock, so hosts building at once would race.
     """
     name, split = config.data.name, split or config.data.split
     if name == "shapes":
