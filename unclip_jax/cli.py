@@ -505,8 +505,8 @@ def _add_dtype_arg(parser) -> None:
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="the networks' compute dtype (bfloat16: faster on GPUs and TPUs, "
-        "slower on CPUs; params, norms, softmax and the sampler stay float32)",
+        help="the networks' compute dtype (bfloat16 is meant for GPUs and TPUs; params, "
+        "norms, softmax and the sampler stay float32)",
     )
 
 

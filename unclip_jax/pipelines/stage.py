@@ -21,9 +21,10 @@ from unclip_jax import compile_cache, diffusion
 
 
 def sampling_dtype(dtype) -> jnp.dtype:
-    """The compute dtype pipelines build their networks with: float32 unless asked (bfloat16
-    halves activation memory and doubles matmul throughput on GPUs and TPUs; norms, softmax and
-    the samplers' arithmetic stay float32 either way)."""
+    """The compute dtype pipelines build their networks with: float32 unless asked. bfloat16
+    (what training computes in on accelerators) is meant for GPUs and TPUs and has not been timed
+    on one yet (benchmarks/gpu_suite.sh); norms, softmax and the samplers' arithmetic stay
+    float32 either way."""
     dtype = jnp.dtype(dtype or jnp.float32)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"sampling dtype must be float32 or bfloat16, got {dtype.name}")
