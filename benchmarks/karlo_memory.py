@@ -78,6 +78,15 @@ def prior_stage(name: str, batch: int, dtype):
     return params, lowered
 
 
+def lower_loop(stage: str, config, model_fn, params, size: int, cond, **guidance):
+    """The pipelines' ancestral loop for `stage` (its STEPS, x_0 clamped), lowered on shapes."""
+    batch = jax.tree.leaves(cond)[0].shape[0]
+    table = diffusion.diffusion_from_config(config.diffusion, str(STEPS[stage]))
+    return diffusion.p_sample_loop.lower(model_fn, table, params, spec((batch, size, size, 3)),
+                                         jax.random.key(0), cond, clip_denoised=True,
+                                         **guidance)  # fmt: skip
+
+
 def decoder_stage(name: str, batch: int, dtype):
     config = config_utils.load_config(name)
     model = dec.decoder_from_config(config.model, dtype=dtype)
@@ -86,12 +95,9 @@ def decoder_stage(name: str, batch: int, dtype):
     size = model.image_size
     cond = {"image_emb": spec((batch, model.clip_dim)), "drop_image": spec((batch,), bool),
             **text_cond(batch, model.clip_dim, model.text_dim, ctx)}  # fmt: skip
-    table = diffusion.diffusion_from_config(config.diffusion, str(STEPS["decoder"]))
-    lowered = diffusion.p_sample_loop.lower(
-        dec.make_model_fn(model), table, params, spec((batch, size, size, 3)), jax.random.key(0),
-        cond, null_cond=cond, guidance_scale=spec((batch,)), clip_denoised=True,
-    )  # fmt: skip
-    return params, lowered
+    guided = dict(null_cond=cond, guidance_scale=spec((batch,)))
+    return params, lower_loop("decoder", config, dec.make_model_fn(model), params, size, cond,
+                              **guided)  # fmt: skip
 
 
 def super_res_stage(name: str, batch: int, dtype):
@@ -100,12 +106,9 @@ def super_res_stage(name: str, batch: int, dtype):
     first = shapes_of(lambda rng: dec.init_params(model, rng))
     params = {"first": first, "last": first}  # super_res_first and super_res_last
     size, low = model.image_size, config.model.low_res_size
-    table = diffusion.diffusion_from_config(config.diffusion, str(STEPS["super_res"]))
-    lowered = diffusion.p_sample_loop.lower(
-        make_last_step_model_fn(model), table, params, spec((batch, size, size, 3)),
-        jax.random.key(0), {"low_res": spec((batch, low, low, 3))}, clip_denoised=True,
-    )  # fmt: skip
-    return params, lowered
+    cond = {"low_res": spec((batch, low, low, 3))}
+    return params, lower_loop("super_res", config, make_last_step_model_fn(model), params, size,
+                              cond)  # fmt: skip
 
 
 def clip_stage(name: str, batch: int, dtype):

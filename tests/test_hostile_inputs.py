@@ -95,34 +95,35 @@ def world(tmp_path_factory):
     (clip_copy("clip_bad_config") / "config.json").write_text("{ not json")
     (clip_copy("clip_no_weights") / "model.safetensors").unlink()
 
-    def rename_key(t):
-        key = next(k for k in sorted(t) if k.endswith("q_proj.weight"))
-        t[key.replace("q_proj", "query_proj")] = t.pop(key)
+    def rename_key(name, new):  # the first key ending in `name`, renamed
+        def edit(t):
+            key = next(k for k in sorted(t) if k.endswith(name))
+            t[key.replace(name, new)] = t.pop(key)
 
-    def reshape_key(t):
-        key = next(k for k in sorted(t) if k.endswith("q_proj.weight"))
-        t[key] = np.zeros((t[key].shape[0] + 1,) + t[key].shape[1:], t[key].dtype)
+        return edit
 
-    _edit_safetensors(clip_copy("clip_renamed") / "model.safetensors", rename_key)
-    _edit_safetensors(clip_copy("clip_misshaped") / "model.safetensors", reshape_key)
+    def reshape_key(name):  # the first key ending in `name`, one row longer
+        def edit(t):
+            key = next(k for k in sorted(t) if k.endswith(name))
+            t[key] = np.zeros((t[key].shape[0] + 1,) + t[key].shape[1:], t[key].dtype)
+
+        return edit
+
+    _edit_safetensors(clip_copy("clip_renamed") / "model.safetensors",
+                      rename_key("q_proj.weight", "query_proj.weight"))  # fmt: skip
+    _edit_safetensors(clip_copy("clip_misshaped") / "model.safetensors",
+                      reshape_key("q_proj.weight"))  # fmt: skip
     tok = clip_copy("clip_bad_tokenizer")
     (tok / "tokenizer.json").write_text("[1, 2")
     # Karlo folders: a missing component, a renamed key, a mis-shaped tensor, a scheduler that
     # samples otherwise than the config.
     karlo = _copy(KARLO, f / "karlo_no_text_proj")
     shutil.rmtree(karlo / "text_proj")
-
-    def rename_decoder_key(t):
-        key = next(k for k in sorted(t) if k.endswith("to_q.weight"))
-        t[key.replace("to_q", "to_query")] = t.pop(key)
-
-    def reshape_prior_key(t):
-        key = next(k for k in sorted(t) if k.endswith("to_q.weight"))
-        t[key] = np.zeros((t[key].shape[0] + 1,) + t[key].shape[1:], t[key].dtype)
-
     weights = "diffusion_pytorch_model.safetensors"
-    _edit_safetensors(_copy(KARLO, f / "karlo_renamed") / "decoder" / weights, rename_decoder_key)
-    _edit_safetensors(_copy(KARLO, f / "karlo_misshaped") / "prior" / weights, reshape_prior_key)
+    _edit_safetensors(_copy(KARLO, f / "karlo_renamed") / "decoder" / weights,
+                      rename_key("to_q.weight", "to_query.weight"))  # fmt: skip
+    _edit_safetensors(_copy(KARLO, f / "karlo_misshaped") / "prior" / weights,
+                      reshape_key("to_q.weight"))  # fmt: skip
     scheduler = _copy(KARLO, f / "karlo_bad_scheduler") / "decoder_scheduler"
     config = scheduler / "scheduler_config.json"
     config.write_text(config.read_text().replace('"learned_range"', '"fixed_small_log"'))

@@ -356,6 +356,7 @@ def test_image_variations_folder_and_scheduler_mismatches(tmp_path):
     import shutil
 
     from unclip_jax.convert.common import ConversionError
+    from unclip_jax.convert.runs import convert_karlo
 
     folder = tmp_path / "karlo_variations"
     shutil.copytree(HERE / "karlo_tiny", folder)
@@ -376,6 +377,12 @@ def test_image_variations_folder_and_scheduler_mismatches(tmp_path):
         with pytest.raises(ConversionError, match=named) as err:
             pipeline_from_diffusers(folder)
         assert str(config) in str(err.value) and "\n" not in str(err.value)
+    # Another decoder clamp: the pipeline samples with it; a converted run cannot carry it.
+    config.write_text(json.dumps(raw | {"clip_sample_range": 2.0}))
+    assert pipeline_from_diffusers(folder).decoder.clip_range == 2.0
+    with pytest.raises(ConversionError, match="clamped to"):
+        convert_karlo(folder, tmp_path / "not_written")
+    assert not (tmp_path / "not_written").exists()
     config.write_text(json.dumps(raw))
 
     # `unclip-jax convert karlo` on it, then `unclip-jax vary` on the converted runs.

@@ -183,3 +183,10 @@ def read_unclip_scheduler(folder, diffusion_config) -> float | None:
     if not raw.get("clip_sample", True):
         return None
     return float(raw.get("clip_sample_range", 1.0))
+
+
+def scheduler_clamp(root, name: str, diffusion_config, default):
+    """The x_0 clamp of `root/<name>_scheduler` (read and checked by read_unclip_scheduler), or
+    `default` for a folder that ships no such scheduler."""
+    folder = pathlib.Path(root) / f"{name}_scheduler"
+    return read_unclip_scheduler(folder, diffusion_config) if folder.is_dir() else default

@@ -171,7 +171,7 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
     from unclip_jax.convert.diffusers_unclip import (
         load_diffusers_decoder,
         load_diffusers_upsampler,
-        read_unclip_scheduler,
+        scheduler_clamp,
     )
     from unclip_jax.models import decoder as dec
     from unclip_jax.models.prior import init_params as prior_init
@@ -186,11 +186,15 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
                                 "(image variations): not a diffusers unCLIP folder")  # fmt: skip
 
     def check_scheduler(name: str, config) -> None:
-        folder = root / f"{name}_scheduler"
-        if folder.is_dir():
-            clamp = read_unclip_scheduler(folder, config.diffusion)
-            if name == "prior":
-                config.sample.clamp = clamp
+        """The prior's clamp goes into its run's config; the decoder and upsampler runs sample
+        clamped to [-1, 1] (pipeline_from_runs), so their schedulers must ask for that."""
+        if name == "prior":
+            config.sample.clamp = scheduler_clamp(root, name, config.diffusion,
+                                                  config.sample.clamp)  # fmt: skip
+        elif scheduler_clamp(root, name, config.diffusion, 1.0) != 1.0:
+            raise ConversionError(f"{root / (name + '_scheduler')}: a {name} run samples with x_0 "
+                                  "clamped to [-1, 1]; this scheduler asks otherwise "
+                                  "(pipeline_from_diffusers reads it as it is)")  # fmt: skip
 
     # Every component is read and checked before anything is written: a folder that fails
     # anywhere leaves no run behind that looks complete.

@@ -39,7 +39,7 @@ def step_noise(rng, i, shape) -> jax.Array:
 def split_sampler_rng(rng) -> tuple[jax.Array, jax.Array]:
     """(initial-noise key, step-noise key): how a stage's rng is split when it draws its own x_T
     (pipelines' DiffusionStage and PriorSampler); the step-noise key goes to the sampler."""
-    k_init, k_steps = jax.random.split(rng)
+    k_init, k_steps = jax.random.split(rng)  # the order is the convention: do not swap
     return k_init, k_steps
 
 

@@ -418,15 +418,6 @@ def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None, upsamplers=(
     return pipe
 
 
-def _scheduler_clamp(root: pathlib.Path, name: str, diffusion_config, default):
-    """The x_0 clamp of the folder's `<name>_scheduler` (checked against our config), or
-    `default` for a folder without one."""
-    from unclip_jax.convert.diffusers_unclip import read_unclip_scheduler
-
-    folder = root / f"{name}_scheduler"
-    return read_unclip_scheduler(folder, diffusion_config) if folder.is_dir() else default
-
-
 def pipeline_from_diffusers(
     root,
     *,
@@ -451,7 +442,11 @@ def pipeline_from_diffusers(
     from unclip_jax import config_utils
     from unclip_jax.convert.clip import load_hf_clip
     from unclip_jax.convert.diffusers_prior import load_diffusers_prior
-    from unclip_jax.convert.diffusers_unclip import load_diffusers_decoder, load_diffusers_upsampler
+    from unclip_jax.convert.diffusers_unclip import (
+        load_diffusers_decoder,
+        load_diffusers_upsampler,
+        scheduler_clamp,
+    )
     from unclip_jax.models.clip import clip_from_config
     from unclip_jax.models.decoder import make_model_fn
     from unclip_jax.pipelines.prior import sampler_from_config
@@ -482,8 +477,8 @@ def pipeline_from_diffusers(
     if has_prior:
         prior_cfg = config_utils.load_config(prior_config)
         with prior_cfg.unlocked():
-            prior_cfg.sample.clamp = _scheduler_clamp(root, "prior", prior_cfg.diffusion,
-                                                      prior_cfg.sample.get("clamp"))  # fmt: skip
+            prior_cfg.sample.clamp = scheduler_clamp(root, "prior", prior_cfg.diffusion,
+                                                     prior_cfg.sample.get("clamp"))  # fmt: skip
         prior_model, prior_params = load_diffusers_prior(root / "prior", dtype=dtype)
         priors["diffusion"] = PriorStage(
             "diffusion", sampler_from_config(prior_model, prior_cfg), prior_params, prior_model,
@@ -493,7 +488,7 @@ def pipeline_from_diffusers(
     dec_cfg = config_utils.load_config(decoder_config)
     dec_model, dec_params = load_diffusers_decoder(root, dtype=dtype)
     size = dec_model.image_size
-    clamp = _scheduler_clamp(root, "decoder", dec_cfg.diffusion, 1.0)
+    clamp = scheduler_clamp(root, "decoder", dec_cfg.diffusion, 1.0)
     decoder = DiffusionStage(make_model_fn(dec_model), dec_params, dec_cfg.diffusion,
                              (size, size, 3), clip_denoised=clamp is not None,
                              clip_range=1.0 if clamp is None else clamp)  # fmt: skip
@@ -515,7 +510,7 @@ def pipeline_from_diffusers(
                                                dtype=dtype)  # fmt: skip
             fn, params = make_last_step_model_fn(up_model), {"first": first, "last": last}
         shape = (up_model.image_size, up_model.image_size, 3)
-        clamp = _scheduler_clamp(root, "super_res", up_cfg.diffusion, 1.0)
+        clamp = scheduler_clamp(root, "super_res", up_cfg.diffusion, 1.0)
         stage = DiffusionStage(fn, params, up_cfg.diffusion, shape,
                                clip_denoised=clamp is not None,
                                clip_range=1.0 if clamp is None else clamp)  # fmt: skip
