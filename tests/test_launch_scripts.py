@@ -75,7 +75,8 @@ def test_slurm_dry_run_for_2_nodes_of_8_gpus():
 def test_nodelists_and_tpu_types():
     assert launch_plan.expand_nodelist("gpu[001-003,010],login1") == [
         "gpu001", "gpu002", "gpu003", "gpu010", "login1"]  # fmt: skip
-    assert [p["num_processes"] for p in launch_plan.tpu_plan("v4-64")[:1]] == [8]
-    assert launch_plan.tpu_plan("v5litepod-16")[0]["num_processes"] == 4
+    assert launch_plan.tpu_plan("v4-64")[0]["num_processes"] == 8  # 32 chips, 4 per host
+    single = launch_plan.tpu_plan("v5p-8")  # 4 chips: one host
+    assert len(single) == 1 and single[0]["local_devices"] == 4
     with pytest.raises(ValueError, match="unknown TPU accelerator type"):
-        launch_plan.tpu_plan("v9-8")
+        launch_plan.tpu_plan("v5litepod-16")

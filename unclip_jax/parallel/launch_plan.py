@@ -21,13 +21,10 @@ import contextlib
 import os
 import re
 
-# Chips per host and how the accelerator type counts (TensorCores or chips) per TPU generation.
-_TPU_GENERATIONS = {
-    "v4": (4, 2),  # v4-N: N TensorCores, 2 per chip, 4 chips per host
-    "v5p": (4, 2),
-    "v5litepod": (4, 1),  # v5e: N chips, 4 per host in multi-host slices
-    "v6e": (4, 1),
-}
+# Chips per host and TensorCores per chip (v4-N, v5p-N: N TensorCores, 2 per chip, 4 chips per
+# host). v5e and v6e are left out: their single-host shapes (up to 8 chips on one host) follow
+# another rule, not checked here.
+_TPU_GENERATIONS = {"v4": (4, 2), "v5p": (4, 2)}
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
