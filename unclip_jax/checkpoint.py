@@ -16,19 +16,21 @@ Damage (a crashed copy, a full disk, a killed save) is found, named and never fa
 Resuming training sets a damaged step aside (`set_aside`: renamed into <dir>.damaged/, never
 deleted) and takes the newest intact one (`restore_newest_intact`).
 A run path may name one step: RUN/checkpoints/<step> (`split_run_path`).
+A run folder may be local or in a bucket (gs://...): orbax and tensorstore write objects there,
+and the manifests, set-asides and listings go through `storage`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
+from unclip_jax import storage
 from unclip_jax.run_paths import DamagedCheckpoint, run_folder, split_run_path
 
 __all__ = ["Checkpointer", "DamagedCheckpoint", "abstract_like", "load_run", "run_folder",
@@ -62,7 +64,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 3,
                  keep_period: int | None = None, enable_async: bool = True):  # fmt: skip
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             keep_period=keep_period,
@@ -133,8 +135,8 @@ class Checkpointer:
         target = self.directory.with_name(self.directory.name + ".damaged")
         target = target / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
         if jax.process_index() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.directory / str(step), target)
+            storage.mkdir(target.parent)
+            storage.replace(self.directory / str(step), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -252,17 +254,12 @@ class Checkpointer:
         self.manager.close()
 
 
-def write_manifest(step_dir: pathlib.Path) -> None:
+def write_manifest(step_dir) -> None:
     """unclip_manifest.json in a complete step: {relative path: size} of every file in it."""
-    step_dir = pathlib.Path(step_dir)
-    files = {
-        str(p.relative_to(step_dir)): p.stat().st_size
-        for p in sorted(step_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=0) + "\n")
-    os.replace(tmp, step_dir / MANIFEST)
+    step_dir = storage.path(step_dir)
+    files = {name: size for name, size in sorted(storage.file_sizes(step_dir).items())
+             if name != MANIFEST}  # fmt: skip
+    storage.write_text(step_dir / MANIFEST, json.dumps({"files": files}, indent=0) + "\n")
 
 
 def step_problem(step_dir) -> str | None:
@@ -270,7 +267,7 @@ def step_problem(step_dir) -> str | None:
 
     A step saved before manifests existed (or whose save was killed after orbax completed it
     and before the manifest) is checked for its items only; its restore checks the rest."""
-    step_dir = pathlib.Path(step_dir)
+    step_dir = storage.path(step_dir)
     if not step_dir.is_dir():
         return "its folder is missing"
     missing = [item for item in ITEMS if not (step_dir / item).is_dir()]
@@ -284,12 +281,12 @@ def step_problem(step_dir) -> str | None:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return f"{MANIFEST} is unreadable"
     absent, short = [], []
+    present = storage.file_sizes(step_dir)
     for name, size in files.items():
-        path = step_dir / name
-        if not path.is_file():
+        if name not in present:
             absent.append(name)
-        elif path.stat().st_size != size:
-            short.append(f"{name} is {path.stat().st_size} of {size} bytes")
+        elif present[name] != size:
+            short.append(f"{name} is {present[name]} of {size} bytes")
     if absent:
         more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
         return f"{len(absent)} of its {len(files)} files are missing: {absent[0]}{more}"
@@ -342,7 +339,7 @@ def save_params(workdir: str | pathlib.Path, config, params, *, step: int = 0) -
     """
     import json
 
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     as_dict = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
     ckpt = Checkpointer(workdir / "checkpoints", enable_async=False)
     try:

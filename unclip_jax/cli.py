@@ -715,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     # orbax logs every checkpoint phase through absl at INFO; keep -v readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     from unclip_jax.run_paths import DamagedCheckpoint, DamagedCheckpointsOnly
+    from unclip_jax.storage import StorageError
 
     sys.unraisablehook = _quiet_unraisable
     try:
@@ -727,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unclip-jax {args.command}: error: {_damage_report(args, err)}", file=sys.stderr)
         return 2
     except (UserError, FileNotFoundError, KeyError, TypeError, ValueError,
-            DamagedCheckpointsOnly) as err:  # fmt: skip
+            DamagedCheckpointsOnly, StorageError) as err:  # fmt: skip
         # Config and input problems: one line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"unclip-jax {args.command}: error: {_one_line(message)}", file=sys.stderr)

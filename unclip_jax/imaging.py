@@ -76,24 +76,29 @@ def make_grid(images, ncol: int | None = None, pad: int = 2) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path) -> None:
-    """Write one uint8 [H, W, C] array (or a [-1, 1] float one) as a PNG, creating folders."""
-    import pathlib
+    """Write one uint8 [H, W, C] array (or a [-1, 1] float one) as a PNG, creating folders;
+    `path` may be local or gs://... (written whole, atomically: `storage.write_bytes`)."""
+    import io
 
     from PIL import Image
 
+    from unclip_jax import storage
+
     if image.dtype != np.uint8:
         image = to_uint8(image)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def load_image(path, size: int | None = None) -> np.ndarray:
     """An RGB image file -> float32 [H, W, 3] in [-1, 1], optionally resized (bicubic) to size."""
     from PIL import Image, UnidentifiedImageError
 
+    from unclip_jax import storage
+
     try:
-        with Image.open(path) as im:
+        with storage.path(path).open("rb") as f, Image.open(f) as im:
             im = im.convert("RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BICUBIC)

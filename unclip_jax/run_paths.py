@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import pathlib
 
+from unclip_jax import storage
+
 
 def split_run_path(path) -> tuple[pathlib.Path, pathlib.Path, int | None]:
     """(run folder, checkpoints folder, step or None) of a user's run path.
 
     Accepted: a run's workdir (holding checkpoints/), its checkpoints/ folder, or one step of it
-    (RUN/checkpoints/150): the last selects that step instead of the latest."""
-    path = pathlib.Path(path)
+    (RUN/checkpoints/150): the last selects that step instead of the latest. Local paths are
+    pathlib.Paths, gs:// ones epath.Paths (`storage.path`)."""
+    path = storage.path(path)
     if path.name.isdigit() and path.is_dir() and not (path / "checkpoints").is_dir():
         folder = path.parent
         step = int(path.name)
@@ -42,7 +45,7 @@ class DamagedCheckpoint(ValueError):
         head = f"run {self.run}: checkpoint step {self.step} is damaged ({self.problem})"
         if not self.intact:
             return f"{head}; no intact step beside it"
-        path = pathlib.Path(self.directory) / str(self.intact[0])
+        path = storage.path(self.directory) / str(self.intact[0])
         choose = f"{step_flag} or the path {path}" if step_flag else f"the path {path}"
         return f"{head}; intact steps: {', '.join(map(str, self.intact))} (select one: {choose})"
 

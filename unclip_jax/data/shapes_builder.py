@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from unclip_jax.data import shapes
-from unclip_jax.data.tfds_utils import ArrayRecordBuilder
+from unclip_jax.data.tfds_utils import ArrayRecordBuilder, prepare_at
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -140,7 +140,8 @@ class ShapesBuilder(ArrayRecordBuilder):
 def build_shapes(
     data_dir: str, config: str | ShapesConfig = "tiny", **split_sizes: int
 ) -> ShapesBuilder:
-    """Prepare `shapes` under `data_dir` (a no-op if already there) and return its builder.
+    """Prepare `shapes` under `data_dir` (a no-op if already there; a gs:// folder is built
+    locally and uploaded, `tfds_utils.prepare_at`) and return its builder.
 
     `split_sizes` (train=, validation=, test_compositional=) override those of `config` and make a
     config named after the sizes (`n{train}_{validation}_{test_compositional}`).
@@ -158,6 +159,4 @@ def build_shapes(
         sizes = {**config.split_sizes(), **split_sizes}
         name = "n" + "_".join(str(sizes[s]) for s in shapes.SPLITS)
         config = ShapesConfig(name=name, **sizes)
-    builder = ShapesBuilder(data_dir=data_dir, config=config)
-    builder.prepare()
-    return builder
+    return prepare_at(lambda folder: ShapesBuilder(data_dir=folder, config=config), data_dir)

@@ -7,6 +7,8 @@ PIL images or encoded bytes: encoding NumPy images would need TensorFlow.
 
 from __future__ import annotations
 
+import pathlib
+
 import tensorflow_datasets as tfds
 
 ARRAY_RECORD = "array_record"
@@ -35,3 +37,30 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         if not sys.stderr.isatty():
             tfds.disable_progress_bar()
         self.download_and_prepare(file_format=ARRAY_RECORD)
+
+
+def prepare_at(make, data_dir):
+    """`make(data_dir)`'s builder, prepared under `data_dir`, a local folder or a gs:// one.
+
+    array_record files are read and written as local files only (array_record's C++ I/O), so a
+    dataset in a bucket is built on local disk and uploaded (dataset_info.json last: tfds treats
+    a version folder without it as absent), and read from a local copy under the cache
+    (`storage.local_copy`, refreshed when the bucket's copy changes). make: data_dir (str) ->
+    an unprepared builder."""
+    from unclip_jax import storage
+
+    if not storage.is_remote(data_dir):
+        builder = make(str(data_dir))
+        builder.prepare()
+        return builder
+    storage.check_bucket(data_dir)
+    local_root = storage.local_mirror(data_dir)
+    builder = make(str(local_root))
+    version = pathlib.Path(builder.data_dir).relative_to(local_root).as_posix()
+    remote = storage.path(data_dir) / version
+    if (remote / "dataset_info.json").exists():
+        storage.local_copy(remote)
+        return make(str(local_root))  # a new builder sees the copied version folder
+    builder.prepare()
+    storage.publish(pathlib.Path(builder.data_dir), remote, last=("dataset_info.json",))
+    return builder

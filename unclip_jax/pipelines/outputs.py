@@ -7,12 +7,12 @@ counts and guidance scales per stage, and the package versions.
 from __future__ import annotations
 
 import json
-import pathlib
 import platform
 
 import jax
 import numpy as np
 
+from unclip_jax import storage
 from unclip_jax.imaging import make_grid, save_png
 
 
@@ -27,9 +27,9 @@ def save_samples(out_dir, images, record: dict, *, ncol: int | None = None,
                  stem: str = "sample") -> dict:  # fmt: skip
     """Write out_dir/grid.png, out_dir/images/{stem}_NNN.png and out_dir/record.json.
 
-    images: [B, H, W, 3] in [-1, 1]. Returns the paths written.
+    images: [B, H, W, 3] in [-1, 1]; out_dir local or gs://... Returns the paths written.
     """
-    out = pathlib.Path(out_dir)
+    out = storage.path(out_dir)
     images = np.asarray(images, np.float32)
     if not np.all(np.isfinite(images)):
         bad = int(np.sum(~np.isfinite(images).all(axis=(1, 2, 3))))
@@ -42,7 +42,7 @@ def save_samples(out_dir, images, record: dict, *, ncol: int | None = None,
     grid = out / "grid.png"
     save_png(make_grid(images, ncol), grid)
     record = dict(record, images=paths, grid=str(grid), environment=environment())
-    (out / "record.json").write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    storage.write_text(out / "record.json", json.dumps(record, indent=2, default=_jsonable) + "\n")
     return {"grid": str(grid), "images": paths, "record": str(out / "record.json")}
 
 

