@@ -161,6 +161,12 @@ def test_prepare_train_kill_resume_and_sample_in_a_bucket(bucket, tmp_path, caps
     record = json.loads(storage.path(f"{out_dir}/record.json").read_text())
     assert record["grid"] == f"{out_dir}/grid.png"
     assert storage.path(f"{out_dir}/grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # eval reads the samples back from the bucket and writes its report there.
+    assert cli.main(["eval", out_dir, "--faithfulness"]) == 0, capsys.readouterr().err
+    report = storage.read_json(f"{out_dir}/eval.json")
+    assert report["folder"] == out_dir and report["n"] == 2
+    assert report["prompts"] == ["a red circle"]
+    assert set(report["faithfulness"]) >= {"color", "shape", "caption"}
 
 
 def test_a_missing_bucket_or_run_is_one_line(bucket, capsys):
@@ -180,3 +186,42 @@ def test_append_line_keeps_what_an_earlier_process_wrote(bucket):
     storage._appended.clear()  # as a new process would start
     storage.append_line(target, '{"step": 2}')
     assert storage.path(target).read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_clip_embeddings_and_ar_prior_in_a_bucket(bucket, capsys):
+    """The run files beside checkpoints (a CLIP run's BPE tokenizer/, the AR prior's codec.npz,
+    TensorBoard events), the CLIP side dataset written into the bucket by `data embed`, and
+    `eval` of a samples folder in the bucket."""
+    data = f"{bucket}/data"
+    common = ["optim.steps=2", "ckpt.save_every=2", "train.log_every=1",
+              "train.sample_every=0", f"data.dir={data}"]  # fmt: skip
+
+    def train(config, workdir, *extra):
+        argv = ["train", "--config", config, "--workdir", workdir]
+        for setting in [*common, *extra]:
+            argv += ["--set", setting]
+        assert cli.main(argv) == 0, capsys.readouterr().err
+
+    clip_run = f"{bucket}/runs/clip"
+    train("clip_vit_b32:tiny", clip_run, "optim.batch_size=16", "train.tensorboard=True")
+    tokenizer = {p.name for p in (storage.path(clip_run) / "tokenizer").iterdir()}
+    assert "tokenizer.json" in tokenizer or {"vocab.json", "merges.txt"} <= tokenizer, tokenizer
+    events = list((storage.path(clip_run) / "tensorboard").iterdir())
+    assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
+    assert storage.size(events[0]) > 0
+
+    embeddings = f"{bucket}/embeddings"
+    for split in ("train", "validation"):
+        argv = ["data", "embed", "--dataset", "shapes:tiny", "--data_dir", data, "--split",
+                split, "--out", embeddings, "--clip_checkpoint", clip_run,
+                "--batch_size", "64"]  # fmt: skip
+        assert cli.main(argv) == 0, capsys.readouterr().err
+    listed = storage.file_sizes(storage.path(embeddings))
+    assert {"dataset_info.json", "null_text.npz", "stats-train.npz"} <= set(listed), listed
+
+    ar_run = f"{bucket}/runs/ar_prior"
+    train("prior_ar:tiny", ar_run, f"data.embeddings={embeddings}")
+    assert (storage.path(ar_run) / "codec.npz").exists()
+    # A second run starts from the first one's params in the bucket and reads its codec back.
+    train("prior_ar:tiny", f"{bucket}/runs/ar_prior_tuned", f"data.embeddings={embeddings}",
+          f"ckpt.init_from={ar_run}/checkpoints")  # fmt: skip

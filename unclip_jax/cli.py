@@ -12,6 +12,8 @@ import pathlib
 import sys
 import time
 
+from unclip_jax import storage
+
 DEMO_NOTE = (
     "unclip-jax demo: the embedded default. Builds the procedural shapes dataset, trains a\n"
     "tiny unCLIP stack (CLIP, diffusion and AR priors, 32 px decoder, 32->64 upsampler) and a\n"
@@ -196,7 +198,7 @@ def _cmd_train(args) -> None:
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts:
-        path = pathlib.Path(args.prompts)
+        path = storage.path(args.prompts)
         if not path.is_file():
             raise UserError(f"prompt file not found: {path}")
         try:
@@ -305,7 +307,7 @@ def _load_images(paths, size: int):
     from unclip_jax.imaging import load_image
 
     for p in paths:
-        if not pathlib.Path(p).is_file():
+        if not storage.path(p).is_file():
             raise UserError(f"image not found: {p}")
     return np.stack([load_image(p, size) for p in paths])
 
@@ -362,7 +364,7 @@ def _read_mask(path, image_path):
     from PIL import Image, UnidentifiedImageError
 
     for p in (image_path, path):
-        if not pathlib.Path(p).is_file():
+        if not storage.path(p).is_file():
             raise UserError(f"file not found: {p}")
     unreadable = (OSError, UnidentifiedImageError, Image.DecompressionBombError)
     try:
@@ -428,7 +430,8 @@ def _cmd_inpaint(args) -> None:
 def _cmd_convert(args) -> None:
     from unclip_jax.convert import runs
 
-    out = pathlib.Path(args.out)
+    storage.check_bucket(args.out)
+    out = storage.path(args.out)
     names = ("clip", "prior", "decoder", "upsampler")
     targets = [out / n for n in names] if args.source == "karlo" else [out]
     for target in targets:
@@ -462,7 +465,10 @@ def _cmd_data_prepare(args) -> None:
 
     builder = open_source(args.dataset, args.data_dir, args.validation_fraction)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-    print(f"{builder.info.full_name} in {builder.data_dir}: " +
+    where = builder.data_dir
+    if storage.is_remote(args.data_dir):
+        where = f"{args.data_dir} (read from its local copy {builder.data_dir})"
+    print(f"{builder.info.full_name} in {where}: " +
           ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))  # fmt: skip
 
 

@@ -211,11 +211,30 @@ def local_copy(remote) -> pathlib.Path:
     remote folder when nothing is there."""
     if not is_remote(remote):
         return pathlib.Path(remote)
+    fs = _filesystem(path(remote))
+    if fs.isfile(str(remote)):  # one object: a table, a tar shard
+        info = fs.info(str(remote))
+        target = local_mirror(remote)
+        stamp = target.with_name(target.name + ".generation")
+        generation = f"{info.get('size')}:{info.get('generation') or info.get('etag')}"
+        if not (target.is_file() and stamp.is_file() and stamp.read_text() == generation):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(str(remote), str(target))
+            write_text(stamp, generation)
+        return target
+    local = pull(remote)
+    if not any(local.iterdir()):
+        raise FileNotFoundError(f"nothing at {remote}")
+    return local
+
+
+def pull(remote) -> pathlib.Path:
+    """`local_mirror(remote)` brought up to date with the bucket (created empty when nothing is
+    there yet: a folder that a process is about to write)."""
     check_bucket(remote)
     listing = _listing(remote)
-    if not listing:
-        raise FileNotFoundError(f"nothing at {remote}")
     local = local_mirror(remote)
+    local.mkdir(parents=True, exist_ok=True)
     record = local.with_name(local.name + ".listing.json")
     try:
         have = json.loads(record.read_text())
@@ -240,6 +259,15 @@ def local_copy(remote) -> pathlib.Path:
     return local
 
 
+def push(local_file, local_root, remote_root) -> None:
+    """Upload one file of a local mirror to the same relative name under `remote_root` (a no-op
+    when `remote_root` is None: the folder is local)."""
+    if remote_root is None:
+        return
+    name = pathlib.Path(local_file).relative_to(local_root).as_posix()
+    _filesystem(remote_root).put_file(str(local_file), f"{str(remote_root).rstrip('/')}/{name}")
+
+
 def publish(local: pathlib.Path, remote, *, last: tuple[str, ...] = ()) -> None:
     """Upload a local folder's files to a remote folder; the names in `last` go up after all
     the others, so that a reader that waits for them (tfds' dataset_info.json) sees the whole
@@ -256,6 +284,25 @@ def publish(local: pathlib.Path, remote, *, last: tuple[str, ...] = ()) -> None:
             local_mirror(remote).with_name(local_mirror(remote).name + ".listing.json"),
             json.dumps(listing),
         )
+
+
+def write_folder(folder, write) -> None:
+    """`write(local_dir)` fills a folder, which appears whole at `folder`: on disk written beside
+    under another name and renamed (replacing none: the caller checks it is absent); in a bucket
+    written to a temporary local folder and uploaded file by file."""
+    import tempfile
+
+    if is_remote(folder):
+        with tempfile.TemporaryDirectory() as tmp:
+            write(pathlib.Path(tmp))
+            publish(pathlib.Path(tmp), folder)
+        return
+    folder = pathlib.Path(folder)
+    partial = folder.with_name(f"{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    write(partial)
+    os.replace(partial, folder)
 
 
 def remove_tree(p) -> None:

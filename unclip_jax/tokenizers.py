@@ -95,9 +95,11 @@ class ClipTokenizer:
         """
         from transformers import CLIPTokenizer
 
-        folder = pathlib.Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+        from unclip_jax import storage
+
+        if not storage.path(path).is_dir():
+            raise FileNotFoundError(f"tokenizer folder not found: {path}")
+        folder = storage.local_copy(path)  # transformers reads local files
         files = {p.name for p in folder.iterdir()}
         if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
             raise FileNotFoundError(
@@ -304,7 +306,9 @@ class Gpt2BpeTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | pathlib.Path) -> Gpt2BpeTokenizer:
-        folder = pathlib.Path(folder)
+        from unclip_jax import storage
+
+        folder = storage.path(folder)
         found = []
         for names in (_GPT2_VOCAB, _GPT2_MERGES):
             path = next((folder / n for n in names if (folder / n).is_file()), None)

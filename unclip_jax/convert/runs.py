@@ -33,7 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from unclip_jax import config_utils
+from unclip_jax import config_utils, storage
 from unclip_jax.checkpoint import save_params
 from unclip_jax.convert.common import ConversionError, flatten
 
@@ -81,13 +81,20 @@ def _preset(spec: str, overrides=()) -> ml_collections.ConfigDict:
 
 def _stamp(config, source: pathlib.Path, what: str) -> None:
     with config.unlocked():
-        config.converted_from = f"{what}: {source.absolute()}"
+        config.converted_from = f"{what}: {storage.absolute(source)}"
+
+
+def _local_source(src) -> pathlib.Path:
+    """A source file or folder on local disk: a gs:// one is copied under the cache first
+    (safetensors, torch pickles and transformers read local files)."""
+    return storage.local_copy(src) if storage.is_remote(src) else pathlib.Path(src)
 
 
 def _save_tokenizer(src: pathlib.Path, out: pathlib.Path, context: int) -> None:
     from unclip_jax.tokenizers import ClipTokenizer
 
-    ClipTokenizer.from_pretrained(src, context_length=context).save(out / "tokenizer")
+    tokenizer = ClipTokenizer.from_pretrained(src, context_length=context)
+    storage.write_folder(out / "tokenizer", tokenizer.save)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,9 +122,9 @@ def convert_clip(src, out, *, tokenizer=None, preset: str = "clip_vit_l14") -> p
     """
     from unclip_jax.convert.clip import load_hf_clip
 
-    src, out = pathlib.Path(src), pathlib.Path(out)
+    src, out = _local_source(src), storage.path(out)
     model_cfg, params = load_hf_clip(src)
-    tok = pathlib.Path(tokenizer) if tokenizer else _find_tokenizer(src)
+    tok = _local_source(tokenizer) if tokenizer else _find_tokenizer(src)
     if model_cfg.text is not None and tok is None:
         raise FileNotFoundError(f"no tokenizer files (vocab.json + merges.txt, or "
                                 f"tokenizer.json) in {src} or {src / 'tokenizer'}: pass "
@@ -177,7 +184,7 @@ def convert_karlo(src, out, *, clip_preset: str = "clip_vit_l14",
     from unclip_jax.models.prior import init_params as prior_init
     from unclip_jax.models.prior import prior_from_config
 
-    root, out = pathlib.Path(src), pathlib.Path(out)
+    root, out = _local_source(src), storage.path(out)
     for name in ("text_encoder", "tokenizer", "text_proj", "decoder"):
         if not (root / name).is_dir():
             raise FileNotFoundError(f"{root / name} is missing: not a diffusers unCLIP folder")
@@ -292,7 +299,7 @@ def convert_glide(src, out, *, tokenizer, mode: str | None = None, preset: str |
     from unclip_jax.models.glide import glide_from_config
     from unclip_jax.tokenizers import Gpt2BpeTokenizer
 
-    src, out = pathlib.Path(src), pathlib.Path(out)
+    src, out = _local_source(src), storage.path(out)
     if tokenizer is None:
         raise FileNotFoundError("a GLIDE run needs its BPE files: pass --tokenizer DIR (glide-"
                                 "text2im's glide_text2im/tokenizer folder)")  # fmt: skip
@@ -313,5 +320,5 @@ def convert_glide(src, out, *, tokenizer, mode: str | None = None, preset: str |
 
     _check_matches(f"glide-text2im {model_cfg.mode}", config.model, build, params)
     _stamp(config, src, f"glide-text2im {model_cfg.mode}")
-    bpe.save(out / "tokenizer")
+    storage.write_folder(out / "tokenizer", bpe.save)
     return save_params(out, config, params)

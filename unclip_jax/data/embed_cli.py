@@ -10,6 +10,8 @@ import logging
 import pathlib
 from typing import Any
 
+from unclip_jax import storage
+
 log = logging.getLogger(__name__)
 
 TOKEN_DTYPES = ("float32", "float16")  # embeddings.TOKEN_DTYPES (checked by embed_dataset)
@@ -48,7 +50,7 @@ def load_clip(
         return clip_from_config(model_cfg, dtype=dtype), params, f"transformers {hf}"
     from unclip_jax.checkpoint import Checkpointer, split_run_path
 
-    if not pathlib.Path(checkpoint).is_dir():
+    if not storage.path(checkpoint).is_dir():
         raise FileNotFoundError(f"CLIP checkpoint folder not found: {checkpoint}")
     # A run's workdir (its tokenizer/ sits beside), its checkpoints/ or one step of it.
     _, folder, named = split_run_path(checkpoint)
@@ -111,10 +113,10 @@ def open_source(dataset: str, data_dir: str | None = None, validation_fraction: 
             raise ValueError("image_text needs its folder: image_text:/path/to/pairs")
         return build_image_text(arg, data_dir, name=pathlib.Path(arg).name,
                                 validation_fraction=validation_fraction)[0]  # fmt: skip
-    if (pathlib.Path(dataset) / "dataset_info.json").is_file():
+    if (storage.path(dataset) / "dataset_info.json").is_file():
         import tensorflow_datasets as tfds
 
-        return tfds.builder_from_directory(dataset)
+        return tfds.builder_from_directory(str(storage.local_copy(dataset)))
     raise ValueError(
         f"unknown dataset {dataset!r}: shapes[:tiny|small|default], "
         "image_text:<folder>, or a prepared tfds dataset folder"
@@ -176,7 +178,7 @@ def run_embed(args):
             args.clip_checkpoint and str(run_folder(args.clip_checkpoint) / "tokenizer"),
         ]
     )
-    folder = next((c for c in candidates if c and pathlib.Path(c).is_dir()), None)
+    folder = next((c for c in candidates if c and storage.path(c).is_dir()), None)
     if folder is None:
         raise FileNotFoundError(
             f"no tokenizer folder among {[c for c in candidates if c]}: "

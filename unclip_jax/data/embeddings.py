@@ -67,6 +67,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unclip_jax import storage
 from unclip_jax.data import transforms
 from unclip_jax.data.loader import GrainBatches
 from unclip_jax.models.clip import CLIP, preprocess_images
@@ -335,7 +336,11 @@ def embed_dataset(
         clip_model.projection_dim, clip_model.text.width, tokenizer.context_length, token_dtype
     )
     ranges = shard_ranges(num_examples, examples_per_shard)
-    out = pathlib.Path(out_dir)
+    # A gs:// folder is written through its local mirror: each file goes up as soon as it is
+    # complete (a shard before its marker, dataset_info.json last), so a resume on any machine
+    # skips the shards already in the bucket.
+    remote = str(out_dir) if storage.is_remote(out_dir) else None
+    out = storage.pull(remote) if remote else pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = EmbedReport(str(out), split, num_examples, len(ranges), process_index, process_count)
 
@@ -359,6 +364,7 @@ def embed_dataset(
             )
     else:
         _write_atomic(plan_path, json.dumps(plan, indent=1))
+        storage.push(plan_path, out, remote)
     if split in _complete_splits(out) and (
         not compute_stats or _stats_paths(out, split)[0].exists()
     ):
@@ -388,6 +394,8 @@ def embed_dataset(
         os.replace(tmp, path)  # a shard appears complete or not at all, then its marker
         _write_atomic(marker, json.dumps({"num_examples": hi - lo,
                                           "num_bytes": path.stat().st_size}))  # fmt: skip
+        storage.push(path, out, remote)
+        storage.push(marker, out, remote)
         report.shards_written.append(shard)
         report.examples_written += hi - lo
         log.info("wrote %s (%d examples)", path.name, hi - lo)
@@ -395,11 +403,18 @@ def embed_dataset(
 
     if multihost and process_count > 1:  # every shard on disk before the metadata
         multihost_utils.sync_global_devices(f"{NAME}-{split}-shards")
+    if remote and (not multihost or process_index == 0):
+        storage.pull(remote)  # the other processes' shards and markers
     if split in _ready_splits(out) and (not multihost or process_index == 0):
         _write_dataset_info(out)
         save_null_text(out, clip_model, clip_params, tokenizer)
         if compute_stats:
             save_stats(out, split)
+        if remote:
+            small = [out / "null_text.npz", *_stats_paths(out, split), out / "features.json"]
+            for path in [*small, out / "dataset_info.json"]:
+                if path.exists():
+                    storage.push(path, out, remote)
     if multihost and process_count > 1:
         multihost_utils.sync_global_devices(f"{NAME}-{split}-info")
     report.complete = split in _complete_splits(out)
@@ -487,7 +502,7 @@ def save_null_text(out_dir, clip_model: CLIP, clip_params, tokenizer) -> dict:
 
 def load_null_text(out_dir) -> dict:
     """The empty prompt's CLIP encoding written by `save_null_text` (a dict of arrays)."""
-    path = pathlib.Path(out_dir) / "null_text.npz"
+    path = storage.local_copy(out_dir) / "null_text.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: rerun `unclip-jax data embed` into "
                                 f"{out_dir} (it writes the empty prompt's encoding)")  # fmt: skip
@@ -499,8 +514,10 @@ def load_null_text(out_dir) -> dict:
 
 
 def embedding_source(out_dir: str | os.PathLike, split: str):
-    """The tfds data source of a finished split of the side dataset (record i = index i)."""
-    out = pathlib.Path(out_dir)
+    """The tfds data source of a finished split of the side dataset (record i = index i); a
+    gs:// folder is read from its local copy (`storage.local_copy`: array_record reads local
+    files only)."""
+    out = storage.local_copy(out_dir)
     if not (out / "dataset_info.json").exists():
         raise FileNotFoundError(f"no finished CLIP embeddings in {out} (no dataset_info.json)")
     builder = tfds.builder_from_directory(str(out))
@@ -687,7 +704,7 @@ def save_stats(out_dir: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
 
 def load_stats(out_dir: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
     """The statistics `save_stats` wrote (the .npz), e.g. stats["image_emb_mean"] [D]."""
-    _, npz_path = _stats_paths(pathlib.Path(out_dir), split)
+    _, npz_path = _stats_paths(storage.local_copy(out_dir), split)
     if not npz_path.exists():
         raise FileNotFoundError(f"no statistics of {split!r} in {out_dir} ({npz_path.name})")
     with np.load(npz_path) as data:

@@ -36,7 +36,8 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from unclip_jax.data.tfds_utils import ArrayRecordBuilder
+from unclip_jax import storage
+from unclip_jax.data.tfds_utils import ArrayRecordBuilder, prepare_at
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,8 @@ def build_image_text(
     validation_fraction, max_size). Returns the builder and the build report (read back from disk
     when the dataset was already built).
     """
+    if storage.is_remote(source):  # read from a local copy (refreshed when the bucket's changes)
+        source = storage.local_copy(source)
     config = ImageTextConfig(name=name, source=str(source), **options)
     fmt = config.source_format or detect_format(source)  # names a missing source
     if fmt == "folder" and not any(
@@ -333,19 +336,23 @@ def build_image_text(
         raise ValueError(f"image_text source {source} holds no image files "
                          f"({', '.join(sorted(IMAGE_EXTENSIONS))})")  # fmt: skip
     # A build that fails (nothing usable in the source) leaves no folders of its own behind.
-    data_dir = Path(data_dir)
-    ours = [d for d in (data_dir / "downloads", data_dir / "image_text" / name,
-                        data_dir / "image_text", data_dir) if not d.exists()]  # fmt: skip
+    local = storage.local_mirror(data_dir) if storage.is_remote(data_dir) else Path(data_dir)
+    ours = [d for d in (local / "downloads", local / "image_text" / name,
+                        local / "image_text", local) if not d.exists()]  # fmt: skip
+
+    def write_report(built: ImageTextBuilder) -> None:  # before a bucket's copy is uploaded
+        if built.report is not None:
+            (Path(built.data_dir) / REPORT_FILENAME).write_text(built.report.to_json())
+
     try:
-        builder = ImageTextBuilder(data_dir=str(data_dir), config=config)
-        builder.prepare()
+        builder = prepare_at(lambda folder: ImageTextBuilder(data_dir=folder, config=config),
+                             data_dir, after_build=write_report)  # fmt: skip
     except BaseException:
         for folder in ours:  # deepest first; only folders this call created
             shutil.rmtree(folder, ignore_errors=True)
         raise
     report_path = Path(builder.data_dir) / REPORT_FILENAME
     if builder.report is not None:  # built just now
-        report_path.write_text(builder.report.to_json())
         return builder, builder.report
     if report_path.exists():
         return builder, BuildReport.from_json(report_path.read_text())

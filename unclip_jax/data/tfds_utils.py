@@ -39,19 +39,22 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         self.download_and_prepare(file_format=ARRAY_RECORD)
 
 
-def prepare_at(make, data_dir):
+def prepare_at(make, data_dir, *, after_build=None):
     """`make(data_dir)`'s builder, prepared under `data_dir`, a local folder or a gs:// one.
 
     array_record files are read and written as local files only (array_record's C++ I/O), so a
     dataset in a bucket is built on local disk and uploaded (dataset_info.json last: tfds treats
     a version folder without it as absent), and read from a local copy under the cache
     (`storage.local_copy`, refreshed when the bucket's copy changes). make: data_dir (str) ->
-    an unprepared builder."""
+    an unprepared builder; after_build(builder): files to add beside the data once prepared
+    (uploaded with it)."""
     from unclip_jax import storage
 
     if not storage.is_remote(data_dir):
         builder = make(str(data_dir))
         builder.prepare()
+        if after_build is not None:
+            after_build(builder)
         return builder
     storage.check_bucket(data_dir)
     local_root = storage.local_mirror(data_dir)
@@ -62,5 +65,7 @@ def prepare_at(make, data_dir):
         storage.local_copy(remote)
         return make(str(local_root))  # a new builder sees the copied version folder
     builder.prepare()
+    if after_build is not None:
+        after_build(builder)
     storage.publish(pathlib.Path(builder.data_dir), remote, last=("dataset_info.json",))
     return builder

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from unclip_jax import storage
 from unclip_jax.eval.report import FAITHFULNESS_KEYS, json_safe, plot_ablation, summarize
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,11 @@ def run_ablation(*, prompts: list[str], out_dir, unclip=None, glide=None,
                                   glide_scales)  # fmt: skip
     if not settings:
         raise ValueError(f"nothing to run: every prior type was skipped ({skipped})")
-    out = pathlib.Path(out_dir)
-    (out / "grids").mkdir(parents=True, exist_ok=True)
+    # A gs:// folder is written locally (matplotlib, csv) and uploaded at the end; the record
+    # names the files where they end up.
+    out = storage.path(out_dir)
+    work = storage.local_mirror(out_dir) if storage.is_remote(out_dir) else out
+    (work / "grids").mkdir(parents=True, exist_ok=True)
     n = int(samples_per_prompt)
 
     # Rows of one group (a prior type, or GLIDE) go through its pipeline together.
@@ -240,7 +244,7 @@ def run_ablation(*, prompts: list[str], out_dir, unclip=None, glide=None,
         emb = None if image_emb is None else image_emb[offset : offset + len(members)]
         offset += len(members)
         grid = out / "grids" / f"{_label(s)}.png"
-        _save_grid(images, prompt_index, len(prompts), n, grid)
+        _save_grid(images, prompt_index, len(prompts), n, work / "grids" / grid.name)
         row = dict(pipeline=s[0], prior=s[1], prior_scale=s[2], decoder_scale=s[3],
                    n=len(members))  # fmt: skip
         row |= _metrics(images, prompt_index, prompts, evaluate_faithfulness, emb, text_emb)
@@ -251,9 +255,10 @@ def run_ablation(*, prompts: list[str], out_dir, unclip=None, glide=None,
     summary = summarize(table)
     paths = {"csv": str(out / "ablation.csv"), "json": str(out / "ablation.json"),
              "grids": [r["grid"] for r in table]}  # fmt: skip
-    _write_csv(table, out / "ablation.csv")
-    paths["plots"] = plot_ablation(table, out, fidelity="faithfulness_caption"
-                                   if evaluate_faithfulness else "clip_score")  # fmt: skip
+    _write_csv(table, work / "ablation.csv")
+    plots = plot_ablation(table, work, fidelity="faithfulness_caption"
+                          if evaluate_faithfulness else "clip_score")  # fmt: skip
+    paths["plots"] = [str(out / pathlib.Path(p).name) for p in plots]
     record = {
         "rows": table,
         "summary": summary,
@@ -268,7 +273,9 @@ def run_ablation(*, prompts: list[str], out_dir, unclip=None, glide=None,
         "timings_s": timings,
         "paths": paths,
     }  # fmt: skip
-    (out / "ablation.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
+    (work / "ablation.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
+    if work != out:
+        storage.publish(work, out)
     for line in summary:
         log.info("ablation: %s", line)
     return {"rows": table, "paths": paths, "summary": summary, "timings_s": timings,

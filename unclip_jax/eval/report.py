@@ -11,6 +11,8 @@ import pathlib
 
 import numpy as np
 
+from unclip_jax import storage
+
 log = logging.getLogger(__name__)
 
 ATTRIBUTES = ("count", "color", "shape", "size", "relation", "caption")
@@ -226,7 +228,7 @@ def read_samples(folder) -> tuple[list[str], np.ndarray, dict]:
     with "prompts" and "images", as pipelines/outputs.save_samples writes)."""
     from unclip_jax.imaging import load_image
 
-    folder = pathlib.Path(folder)
+    folder = storage.path(folder)
     path = folder / "record.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: eval reads a folder written by "
@@ -242,7 +244,7 @@ def read_samples(folder) -> tuple[list[str], np.ndarray, dict]:
         raise ValueError(f"{path}: {len(prompts)} prompts but {len(files)} images")
     resolved = []
     for f in files:  # as recorded, else relative to the folder (the folder may have moved)
-        p = pathlib.Path(f)
+        p = storage.path(f)
         for candidate in (p, folder / p, folder / "images" / p.name):
             if candidate.is_file():
                 resolved.append(candidate)
@@ -260,9 +262,11 @@ def reference_images(*, folder=None, split=None, count: int = 64) -> np.ndarray:
     from unclip_jax.imaging import load_image
 
     if folder is not None:
-        folder = pathlib.Path(folder)
+        folder = storage.path(folder)
         if (folder / "record.json").is_file():
             return read_samples(folder)[1]
+        if storage.is_remote(folder):
+            folder = storage.local_copy(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"reference folder not found: {folder}")
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -382,7 +386,7 @@ def run_eval(args) -> dict:
     if args.clip:
         from unclip_jax.pipelines.unclip import clip_from_run
 
-        if not pathlib.Path(args.clip).is_dir():
+        if not storage.path(args.clip).is_dir():
             raise FileNotFoundError(f"--clip: run folder not found: {args.clip}")
         clip = clip_from_run(args.clip)
     result = evaluate_folder(args.folder, clip=clip, reference=args.reference,
@@ -390,9 +394,8 @@ def run_eval(args) -> dict:
                              reference_count=args.reference_count,
                              faithfulness=args.faithfulness)  # fmt: skip
     result["clip_run"] = args.clip
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.folder) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
+    out = storage.path(args.out) if args.out else storage.path(args.folder) / "eval.json"
+    storage.write_text(out, json.dumps(json_safe(result), indent=2) + "\n")
     print(format_eval(result))
     print(f"wrote {out}")
     return result

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax import compile_cache
+from unclip_jax import compile_cache, storage
 from unclip_jax.pipelines import manipulations
 from unclip_jax.pipelines.stage import DiffusionStage, sampling_dtype
 
@@ -454,7 +454,7 @@ def pipeline_from_diffusers(
 
     compile_cache.enable()  # before the converters' first jitted op
     dtype = sampling_dtype(dtype)
-    root = pathlib.Path(root)
+    root = storage.local_copy(root) if storage.is_remote(root) else pathlib.Path(root)
     for name in ("text_encoder", "tokenizer", "text_proj", "decoder"):
         if not (root / name).is_dir():
             raise FileNotFoundError(f"{root / name} is missing: not a diffusers unCLIP folder")

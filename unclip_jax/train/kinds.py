@@ -9,11 +9,11 @@ data order resumable.
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from unclip_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,7 @@ def save_run_tokenizer(tokenizer, folder: pathlib.Path) -> None:
     import jax
 
     if jax.process_index() == 0:
-        partial = folder.with_name(f"{folder.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        tokenizer.save(partial)
-        os.replace(partial, folder)
+        storage.write_folder(folder, tokenizer.save)
 
 
 def glide_tokenizer_for_run(config, workdir=None):
@@ -138,7 +135,7 @@ def glide_tokenizer_for_run(config, workdir=None):
         if workdir is None:
             raise ValueError("a GLIDE run with data.tokenizer 'gpt2_bpe' keeps its tokenizer in "
                              "its workdir: pass workdir")  # fmt: skip
-        folder = pathlib.Path(workdir) / "tokenizer"
+        folder = storage.path(workdir) / "tokenizer"
         init_from = config.get("ckpt", {}).get("init_from")
         inherited = run_folder(init_from) / "tokenizer" if init_from else None
         if folder.is_dir():

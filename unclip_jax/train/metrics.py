@@ -11,8 +11,10 @@ unconditionally. Files in the workdir:
                           samples
     samples/step_XXXXXX.png   sample grids from the EMA params
 
-In a gs:// workdir the JSONL files are rewritten whole on each record (`storage.append_line`) and
-TensorBoard writes through tensorboardX's GCS writer (google-cloud-storage).
+In a gs:// workdir the JSONL files are rewritten whole on each record (`storage.append_line`), and
+TensorBoard writes its event files to the folder's local mirror, uploaded at most every
+TB_UPLOAD_S seconds and at close (tensorboardX's own GCS writer re-uploads from its destructor,
+at interpreter exit, and retries for two minutes when the bucket is gone).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import json
 import logging
 import math
 import pathlib
+import time
 
 from unclip_jax import imaging, storage
 
 log = logging.getLogger(__name__)
+
+TB_UPLOAD_S = 60.0
 
 
 class MetricWriter:
@@ -33,13 +38,18 @@ class MetricWriter:
     def __init__(self, workdir: pathlib.Path, *, enabled: bool, tensorboard: bool = True):
         self.workdir, self.enabled = storage.path(workdir), enabled
         self._tb = None
+        tb_dir = self.workdir / "tensorboard"
+        self._tb_remote = tb_dir if storage.is_remote(tb_dir) else None
+        self._tb_uploaded = time.monotonic()
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
                 log.warning("tensorboardX is not installed: metrics go to JSONL only")
             else:
-                self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+                local = storage.local_mirror(tb_dir) if self._tb_remote else tb_dir
+                self._tb = SummaryWriter(logdir=str(local))
+                self._tb_local = pathlib.Path(local)
 
     def scalars(self, step: int, values: dict, *, split: str = "train") -> None:
         """One record: metrics.jsonl (split "train") or <split>_metrics.jsonl, tags split/key."""
@@ -51,6 +61,8 @@ class MetricWriter:
             for key, value in values.items():
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                     self._tb.add_scalar(f"{split}/{key}", value, int(step))
+            if self._tb_remote and time.monotonic() - self._tb_uploaded > TB_UPLOAD_S:
+                self.flush()
 
     def event(self, step: int, event: str, **details) -> None:
         """A record that is not a measurement (a damaged checkpoint set aside, ...) in
@@ -90,10 +102,17 @@ class MetricWriter:
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
+            self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        if self._tb_remote is not None:
+            storage.publish(self._tb_local, self._tb_remote)
+            self._tb_uploaded = time.monotonic()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._upload_tensorboard()
             self._tb = None
 
 

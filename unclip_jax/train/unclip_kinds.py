@@ -16,14 +16,14 @@ offers a `sample` hook (train.sample_every): train/unclip_hooks.py.
 from __future__ import annotations
 
 import functools
+import io
 import logging
-import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax import storage
 from unclip_jax.train import unclip_hooks
 from unclip_jax.train.kinds import ModelKind, data_source
 
@@ -138,7 +138,7 @@ def clip_tokenizer_for_run(config, workdir):
     from unclip_jax.tokenizers import ClipTokenizer, train_bpe
     from unclip_jax.train.kinds import save_run_tokenizer, source_captions
 
-    folder = pathlib.Path(workdir) / "tokenizer"
+    folder = storage.path(workdir) / "tokenizer"
     context = config.model.text.context_length
     if folder.is_dir():
         return ClipTokenizer.from_pretrained(folder, context_length=context)
@@ -193,10 +193,10 @@ def load_codec(workdir):
     """The AR prior's codec saved in a run (codec.npz)."""
     from unclip_jax.models.ar_prior import EmbeddingCodec
 
-    path = pathlib.Path(workdir) / "codec.npz"
+    path = storage.path(workdir) / "codec.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: is {workdir} an ar_prior run?")
-    with np.load(path) as data:
+    with np.load(io.BytesIO(path.read_bytes())) as data:
         return EmbeddingCodec.from_dict({k: data[k] for k in data.files})
 
 
@@ -207,7 +207,7 @@ def ar_prior_kind(config, workdir) -> ModelKind:
     from unclip_jax.train.ar_prior import ar_prior_loss
 
     model = ar_prior_from_config(config.model, dtype=_dtype(config))
-    path = pathlib.Path(workdir) / "codec.npz"
+    path = storage.path(workdir) / "codec.npz"
     if path.exists():
         codec = load_codec(workdir)
     else:
@@ -222,11 +222,10 @@ def ar_prior_kind(config, workdir) -> ModelKind:
         codec, stats = fit_codec(image, text, n_components=m.n_components,
                                  n_buckets=m.n_buckets, n_dot_bins=m.n_dot_bins)  # fmt: skip
         log.info("fitted the AR prior's codec on %d embeddings: %s", count, stats)
-        if jax.process_index() == 0:  # written whole, then renamed (as the tokenizer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name("codec.partial.npz")
-            np.savez(partial, **{k: np.asarray(v) for k, v in codec.to_dict().items()})
-            os.replace(partial, path)
+        if jax.process_index() == 0:  # written whole, atomically (as the tokenizer)
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: np.asarray(v) for k, v in codec.to_dict().items()})
+            storage.write_bytes(path, buffer.getvalue())
 
     def init(rng):
         return model.init(rng, *init_inputs(model, config.model.clip_dim))["params"]
