@@ -225,3 +225,61 @@ def test_clip_embeddings_and_ar_prior_in_a_bucket(bucket, capsys):
     # A second run starts from the first one's params in the bucket and reads its codec back.
     train("prior_ar:tiny", f"{bucket}/runs/ar_prior_tuned", f"data.embeddings={embeddings}",
           f"ckpt.init_from={ar_run}/checkpoints")  # fmt: skip
+
+
+def test_convert_karlo_from_and_into_a_bucket_then_sample(bucket, capsys):
+    """`convert karlo` reads a diffusers folder in a bucket (copied locally first) and writes its
+    runs into the bucket; `sample --pipeline unclip` reads them back (tokenizer included)."""
+    import pathlib
+
+    from unclip_jax.checkpoint import load_run
+    from unclip_jax.convert.common import flatten
+    from unclip_jax.convert.runs import karlo_clip
+
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "karlo_tiny"
+    source, runs = f"{bucket}/karlo_src", f"{bucket}/karlo"
+    storage.publish(fixture, source)
+    assert cli.main(["convert", "karlo", source, "--out", runs]) == 0, capsys.readouterr().err
+    _, params = load_run(f"{runs}/clip", ema=False)
+    ours, theirs = flatten(params), flatten(karlo_clip(fixture)[1])
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(theirs[key]), key)
+    out = f"{bucket}/samples/karlo"
+    argv = ["sample", "--pipeline", "unclip", "--clip", f"{runs}/clip", "--prior-run",
+            f"{runs}/prior", "--decoder", f"{runs}/decoder", "--upsamplers", f"{runs}/upsampler",
+            "--steps", "2", "--out", out, "a red circle"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    record = storage.read_json(f"{out}/record.json")
+    assert record["runs"]["decoder"] == f"{runs}/decoder"
+    assert storage.size(storage.path(f"{out}/grid.png")) > 0
+
+
+def test_a_damaged_step_in_a_bucket_is_named_and_set_aside(bucket):
+    """Damage found from the manifest (one listing) and set aside inside the bucket, byte for
+    byte, as on disk (tests/test_damaged_runs.py)."""
+    import jax.numpy as jnp
+
+    from unclip_jax.checkpoint import DamagedCheckpoint
+
+    folder = f"{bucket}/damaged/checkpoints"
+    ckpt = Checkpointer(folder)
+    for step in (100, 200):
+        state = {"params": {"w": jnp.full((64, 64), float(step))}}
+        ckpt.save(step, state, config={"kind": "test", "step": step}, force=True)
+    ckpt.close()
+    data = [name for name in storage.file_sizes(storage.path(f"{folder}/200"))
+            if "/d/" in name and name.startswith("state/")]  # fmt: skip
+    cut = storage.path(f"{folder}/200/{data[0]}")
+    cut.write_bytes(cut.read_bytes()[:5])
+    before = storage.file_sizes(storage.path(f"{folder}/200"))
+    ckpt = Checkpointer(folder, enable_async=False)
+    assert "is 5 of" in ckpt.problem(200)
+    with pytest.raises(DamagedCheckpoint, match="step 200 is damaged"):
+        ckpt.restore()
+    step, (state, config, _), aside = ckpt.restore_newest_intact()
+    assert step == 100 and config["step"] == 100 and ckpt.all_steps() == [100]
+    ((_, _, moved),) = aside
+    assert str(moved).startswith(f"{bucket}/damaged/checkpoints.damaged/200-")
+    assert storage.file_sizes(moved) == before
+    ckpt.close()
