@@ -58,12 +58,7 @@ def path(value: Any):
     """A `pathlib.Path` for a local path, an `epath.Path` for `gs://...` (`value` may be either)."""
     if not is_remote(value):
         return pathlib.Path(value)
-    _configure_gcs()
-    try:
-        import gcsfs  # noqa: F401  (epath's backend for gs:// without TensorFlow)
-    except ImportError:
-        need = "gs:// paths need gcsfs (pip install 'unclip-jax[gcs]')"
-        raise StorageError(f"{value}: {need}") from None
+    _filesystem(value)  # configured, and gcsfs installed
     from etils import epath
 
     return epath.Path(str(value))
@@ -85,10 +80,10 @@ def check_bucket(value: Any) -> None:
     be seen with the credentials at hand); local paths pass."""
     if not is_remote(value):
         return
-    p = path(value)
     bucket = bucket_of(value)
+    fs = _filesystem(value)
     try:
-        exists = _filesystem(p).exists(bucket)
+        exists = fs.exists(bucket)
     except Exception as err:  # credentials, network: one line, naming the bucket
         why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
         raise StorageError(f"{value}: cannot reach bucket gs://{bucket} ({why})") from None
@@ -97,11 +92,17 @@ def check_bucket(value: Any) -> None:
                            f"`gcloud storage buckets create gs://{bucket}`)")  # fmt: skip
 
 
-def _filesystem(p):
-    """gcsfs' filesystem object behind an epath gs:// path."""
-    import fsspec
-
-    return fsspec.filesystem("gcs", finalize_on_close=True)  # the instance epath uses
+def _filesystem(value: Any = ""):
+    """gcsfs' filesystem object, the instance epath uses (configured by `_configure_gcs` before
+    it is first made). `value` names the path in the error when gcsfs is missing."""
+    _configure_gcs()
+    try:
+        import fsspec
+        import gcsfs  # noqa: F401  (epath's backend for gs:// without TensorFlow)
+    except ImportError:
+        need = "gs:// paths need gcsfs (pip install 'unclip-jax[gcs]')"
+        raise StorageError(f"{value}: {need}" if value else need) from None
+    return fsspec.filesystem("gcs", finalize_on_close=True)
 
 
 def size(p) -> int:
@@ -160,8 +161,7 @@ def append_line(p, line: str) -> None:
 def replace(src, dst) -> None:
     """Move a file or folder to a new name (on GCS a copy then delete, object by object)."""
     if is_remote(src) or is_remote(dst):
-        fs = _filesystem(src)
-        fs.mv(str(src), str(dst), recursive=True)
+        _filesystem(src).mv(str(src), str(dst), recursive=True)
         return
     os.replace(src, dst)
 
@@ -178,6 +178,11 @@ def cache_root() -> pathlib.Path:
 def local_mirror(remote) -> pathlib.Path:
     """Where `local_copy` keeps a remote folder: <cache>/gcs/<bucket>/<path>."""
     return cache_root() / "gcs" / str(remote).split("://", 1)[1].rstrip("/")
+
+
+def _record(local: pathlib.Path) -> pathlib.Path:
+    """The listing (name -> [size, generation]) that a local mirror was last brought up to."""
+    return local.with_name(local.name + ".listing.json")
 
 
 def _listing(remote) -> dict[str, tuple[int, str]]:
@@ -211,7 +216,7 @@ def local_copy(remote) -> pathlib.Path:
     remote folder when nothing is there."""
     if not is_remote(remote):
         return pathlib.Path(remote)
-    fs = _filesystem(path(remote))
+    fs = _filesystem(remote)
     if fs.isfile(str(remote)):  # one object: a table, a tar shard
         info = fs.info(str(remote))
         target = local_mirror(remote)
@@ -219,7 +224,9 @@ def local_copy(remote) -> pathlib.Path:
         generation = f"{info.get('size')}:{info.get('generation') or info.get('etag')}"
         if not (target.is_file() and stamp.is_file() and stamp.read_text() == generation):
             target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(str(remote), str(target))
+            tmp = target.with_name(f".{target.name}.part{os.getpid()}")
+            fs.get_file(str(remote), str(tmp))
+            os.replace(tmp, target)
             write_text(stamp, generation)
         return target
     local = pull(remote)
@@ -235,9 +242,8 @@ def pull(remote) -> pathlib.Path:
     listing = _listing(remote)
     local = local_mirror(remote)
     local.mkdir(parents=True, exist_ok=True)
-    record = local.with_name(local.name + ".listing.json")
     try:
-        have = json.loads(record.read_text())
+        have = json.loads(_record(local).read_text())
     except (OSError, ValueError):
         have = {}
     want = {name: list(entry) for name, entry in listing.items()}
@@ -255,7 +261,7 @@ def pull(remote) -> pathlib.Path:
         os.replace(tmp, target)
     for stale in set(have) - set(want):
         (local / stale).unlink(missing_ok=True)
-    write_text(record, json.dumps(want))
+    write_text(_record(local), json.dumps(want))
     return local
 
 
@@ -280,16 +286,13 @@ def publish(local: pathlib.Path, remote, *, last: tuple[str, ...] = ()) -> None:
         fs.put_file(str(p), f"{base}/{p.relative_to(local).as_posix()}")
     if pathlib.Path(local) == local_mirror(remote):  # the cache's copy is now the bucket's
         listing = {name: list(entry) for name, entry in _listing(remote).items()}
-        write_text(
-            local_mirror(remote).with_name(local_mirror(remote).name + ".listing.json"),
-            json.dumps(listing),
-        )
+        write_text(_record(pathlib.Path(local)), json.dumps(listing))
 
 
 def write_folder(folder, write) -> None:
     """`write(local_dir)` fills a folder, which appears whole at `folder`: on disk written beside
-    under another name and renamed (replacing none: the caller checks it is absent); in a bucket
-    written to a temporary local folder and uploaded file by file."""
+    under another name and renamed (a folder already there, e.g. left by a failed convert, is
+    replaced); in a bucket written to a temporary local folder and uploaded file by file."""
     import tempfile
 
     if is_remote(folder):
@@ -302,14 +305,6 @@ def write_folder(folder, write) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     write(partial)
+    if folder.is_dir():
+        shutil.rmtree(folder)
     os.replace(partial, folder)
-
-
-def remove_tree(p) -> None:
-    """Delete a folder and everything under it (local or remote)."""
-    if is_remote(p):
-        fs = _filesystem(p)
-        if fs.exists(str(p)):
-            fs.rm(str(p), recursive=True)
-    else:
-        shutil.rmtree(p, ignore_errors=True)
