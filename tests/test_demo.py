@@ -5,12 +5,13 @@ the ablation table and plots); then a second run reuses every trained model and 
 import csv
 import json
 import pathlib
+import shlex
 import types
 
 import numpy as np
 from PIL import Image
 
-from unclip_jax import config_utils
+from unclip_jax import cli, config_utils
 from unclip_jax.data import shapes as shapes_data
 from unclip_jax.demo import shapes
 
@@ -79,6 +80,19 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
     assert "seen / held-out" in table and "total" in table
     assert "test_compositional captions" in table and "CLIP zero-shot" in table
     assert "CLIP linear probe" in table
+    # The last lines: the grids to look at, and commands that run on the demo's runs as printed.
+    lines = shapes.format_report(report)
+    last = lines[next(i for i, line in enumerate(lines) if line.startswith("look at: ")) :]
+    assert "samples/unclip/grid.png" in last[0] and len(last) == 6
+    commands = [line.strip() for line in last if line.strip().startswith("unclip-jax ")]
+    assert len(commands) == 3
+    for command in commands:
+        args = cli.build_parser().parse_args(shlex.split(command)[1:])
+        for run in ("clip", "decoder", "base", "prior_run"):
+            if getattr(args, run, None):
+                assert (pathlib.Path(getattr(args, run)) / "checkpoints").is_dir(), command
+        if args.command == "vary":
+            assert pathlib.Path(args.image).is_file()
 
     # A second run trains nothing and reuses the samples and the ablation.
     again = shapes.run(config, out)["stages"]

@@ -640,4 +640,35 @@ def format_report(report: dict) -> list[str]:
     if ablation.get("summary"):
         lines.append("ablation:")
         lines += [f"  {line}" for line in ablation["summary"]]
+    return lines + next_steps(report)
+
+
+def next_steps(report: dict) -> list[str]:
+    """The report's last lines: the grids to look at, and commands to run next on the demo's
+    runs (or how to resume an interrupted demo)."""
+    out = pathlib.Path(report["out"])
+    if out.is_relative_to(pathlib.Path.cwd()):  # outputs/demo, as the user typed it
+        out = out.relative_to(pathlib.Path.cwd())
+    if report.get("interrupted"):
+        return ["next: run `make demo` (or the same `unclip-jax demo` command) again: it resumes "
+                "where it stopped"]  # fmt: skip
+    lines = []
+    sample = report["stages"].get("sample", {})
+    grids = [(name, out / "samples" / name / "grid.png") for name in ("unclip", "glide")
+             if name in sample]  # fmt: skip
+    if grids:
+        lines.append("look at: " + "; ".join(f"{path} ({name}: a row per prompt)"
+                                             for name, path in grids))  # fmt: skip
+    runs = out / "runs"
+    decode = (f"--clip {runs / 'clip'} --decoder {runs / 'decoder'} "
+              f"--upsamplers {runs / 'upsampler'}")  # fmt: skip
+    unclip = f"{decode} --prior-run {runs / 'prior'}"
+    lines += [
+        "next: your own prompts (colours and shapes of `shapes`), written to outputs/samples:",
+        f'  unclip-jax sample "a green square above a red circle" --pipeline unclip {unclip}',
+        f'  unclip-jax sample "a green square above a red circle" --base {runs / "glide"} '
+        "--guidance 3",
+        f"  unclip-jax vary {out / 'samples' / 'unclip' / 'images' / 'sample_000.png'} {decode}",
+        "then: README.md, 'Train on your own image-caption pairs'",
+    ]
     return lines
