@@ -34,6 +34,7 @@ ocp.type_handlers.register_type_handler(
 LONGEST_FIRST = (
     "test_demo.py",
     "test_kind_runs.py",
+    "test_gcs.py",
     "test_glide_training.py",
     "test_train_kinds.py",
     "test_train_loop.py",

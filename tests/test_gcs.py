@@ -84,6 +84,12 @@ def bucket(tmp_path_factory):
                 os.environ[key] = value
 
 
+def train_env(cache):
+    """The CLI subprocesses' environment: the killed run and its resume share a compilation
+    cache (the resume reads the killed process's compiled step instead of compiling it again)."""
+    return dict(os.environ, UNCLIP_JAX_COMPILATION_CACHE=str(cache))
+
+
 def train_command(workdir, data_dir, *extra):
     settings = [*SETTINGS, f"data.dir={data_dir}", *extra]
     return [sys.executable, "-m", "unclip_jax.cli", "train", "--config", "glide_base64:tiny",
@@ -114,25 +120,32 @@ def test_prepare_train_kill_resume_and_sample_in_a_bucket(bucket, tmp_path, caps
     assert any(name.startswith("shapes-train.array_record") for name in listed)
 
     run = f"{bucket}/runs/glide"
-    proc = subprocess.Popen(train_command(run, data), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    env, logs = (
+        train_env(tmp_path / "compile_cache"),
+        [tmp_path / "killed.log", tmp_path / "resumed.log"],
+    )
+
+    def start(log):  # output to a file: a pipe nobody reads blocks the child once full
+        with open(log, "w") as f:
+            return subprocess.Popen(train_command(run, data), stdout=f, stderr=subprocess.STDOUT,
+                                    env=env)  # fmt: skip
+
+    proc = start(logs[0])
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not saved_steps(run) and proc.poll() is None:
             time.sleep(0.2)
-        assert saved_steps(run), proc.communicate()[0][-3000:] if proc.poll() is not None else ""
+        assert saved_steps(run), logs[0].read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
         killed_at = max(saved_steps(run))
         assert killed_at < STEPS, killed_at
         # The resume reads the bucket's run; the reference trains uninterrupted on local disk
         # from the same bucket data, meanwhile, in this process.
-        proc = subprocess.Popen(train_command(run, data), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = start(logs[1])
         straight = tmp_path / "straight"
         assert cli.main(train_command(straight, data)[3:]) == 0
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
+        assert proc.wait(timeout=300) == 0, logs[1].read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
