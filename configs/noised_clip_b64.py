@@ -11,7 +11,8 @@ Variants:
             transformers-style biases (GLIDE's f_k has none: 12 x 768 + 12 x 512 fewer there).
   tiny      for tests
 
-    unclip-jax train --config noised_clip_b64:tiny   (training arrives with the training issue)
+    unclip-jax train --config noised_clip_b64:tiny --workdir runs/noised_clip
+    unclip-jax sample "a red circle" --base runs/glide --clip-guidance runs/noised_clip
 """
 
 import math
@@ -44,4 +45,4 @@ def get_config(arg=None):
     c.diffusion.num_timesteps = 1000
     c.guidance = ml_collections.ConfigDict()
     c.guidance.scale = 3.0  # GLIDE notebook (paper human evals: 2.0)
-    return common(c)
+    return common(c, arg == "tiny")

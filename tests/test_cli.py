@@ -67,6 +67,12 @@ def test_sample_user_errors(tmp_path, capsys):
         cli.main(["sample", "--base", str(tmp_path), "x", "--guidance", "strong"])
     assert exc.value.code == 2
     assert "invalid float value: 'strong'" in capsys.readouterr().err
+    # CLIP guidance replaces classifier-free guidance, and guides GLIDE only.
+    argv = ["sample", "x", "--base", str(tmp_path), "--clip-guidance", str(missing)]
+    line = _one_error_line(capsys, [*argv, "--guidance", "3"])
+    assert "--clip-guidance replaces classifier-free guidance" in line
+    line = _one_error_line(capsys, [*argv, "--pipeline", "unclip"])
+    assert "--clip-guidance guides GLIDE's base stage" in line
 
 
 def test_help_does_not_import_jax():
@@ -89,3 +95,17 @@ def test_lazy_package_exports_resolve(package):
     assert set(module.__all__) <= set(dir(module))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         module.nope  # noqa: B018
+
+
+def test_clip_guidance_needs_a_noise_aware_clip_of_the_base_size(tmp_path):
+    import types
+
+    from run_fixtures import make_random_runs
+
+    from unclip_jax.pipelines.glide import clip_guidance_from_run
+
+    runs = make_random_runs(tmp_path, names=("clip",))
+    stage = types.SimpleNamespace(model=types.SimpleNamespace(image_size=16),
+                                  diffusion=types.SimpleNamespace(num_timesteps=1000))  # fmt: skip
+    with pytest.raises(ValueError, match="without a noise-aware image tower"):
+        clip_guidance_from_run(runs["clip"], ["a red circle"], 3.0, stage=stage)

@@ -233,15 +233,32 @@ def _cmd_sample(args) -> None:
 
         if not args.base:
             raise UserError("--pipeline glide needs --base RUN (a GLIDE base run folder)")
+        if args.clip_guidance and args.guidance:
+            raise UserError("--clip-guidance replaces classifier-free guidance: drop --guidance "
+                            "(its scale is --clip-guidance-scale)")  # fmt: skip
         pipe = pipeline_from_runs(args.base, args.upsampler, dtype=args.dtype)
-        scales = _scales(args.guidance or [3.0], len(prompts), "--guidance")
-        out = pipe(prompts, rng, guidance_scale=np.asarray(scales, np.float32),
+        clip_guidance, clip_scales = None, None
+        if args.clip_guidance:  # GLIDE's CLIP guidance, instead of classifier-free guidance
+            from unclip_jax.pipelines.glide import clip_guidance_from_run
+
+            clip_scales = _scales(args.clip_guidance_scale or [3.0], len(prompts),
+                                  "--clip-guidance-scale")  # fmt: skip
+            clip_guidance = clip_guidance_from_run(args.clip_guidance, prompts, clip_scales,
+                                                   stage=pipe.base)  # fmt: skip
+            scales = None
+        else:
+            scales = _scales(args.guidance or [3.0], len(prompts), "--guidance")
+        out = pipe(prompts, rng, guidance_scale=None if scales is None else
+                   np.asarray(scales, np.float32), clip_guidance=clip_guidance,
                    base_respacing=str(args.steps or 100),
                    base_sampler=args.sampler or "ddpm")  # fmt: skip
         record = dict(pipeline="glide", base=args.base, upsampler=args.upsampler,
                       sampler=args.sampler, steps=args.steps or 100, guidance=scales,
+                      clip_guidance=args.clip_guidance, clip_guidance_scale=clip_scales,
                       dtype=args.dtype)  # fmt: skip
     else:
+        if args.clip_guidance:
+            raise UserError("--clip-guidance guides GLIDE's base stage: use --pipeline glide")
         pipe = _unclip_pipeline(args)
         scales = _scales(args.guidance or [pipe.decoder_sample.get("guidance_scale", 1.0)],
                          len(prompts), "--guidance")  # fmt: skip
@@ -574,6 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--pipeline", choices=("glide", "unclip"), default="glide")
     sample.add_argument("--base", help="GLIDE: the base model's run folder")
     sample.add_argument("--upsampler", help="GLIDE: an upsampler run folder (optional)")
+    sample.add_argument("--clip-guidance", metavar="RUN",
+                        help="GLIDE: guide the base stage by the gradient of a noise-aware CLIP "
+                        "run (train --config noised_clip_b64) instead of classifier-free "
+                        "guidance")  # fmt: skip
+    sample.add_argument("--clip-guidance-scale", type=float, nargs="+", metavar="SCALE",
+                        help="GLIDE: the CLIP guidance scale, one or one per prompt (default 3; "
+                        "give prompts first)")  # fmt: skip
     _add_unclip_runs(sample)
     sample.add_argument(
         "--prior", choices=("diffusion", "ar", "none"), default="diffusion",

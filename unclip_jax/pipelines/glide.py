@@ -159,6 +159,33 @@ class GlidePipeline:
         return out
 
 
+def clip_guidance_from_run(path, prompts: list[str], scale, *, stage: GlideStage):
+    """GLIDE's CLIP guidance from a noise-aware CLIP run (`train --config noised_clip_b64`):
+    (ClipGuidance, cond["clip"]) for `GlidePipeline(..., clip_guidance=)`. scale: a number or
+    one per prompt. The tower must take the base stage's image size and know every timestep of
+    its diffusion (it was trained on that chain's noise levels)."""
+    from unclip_jax.models.clip_guidance import ClipGuidance, clip_guidance_cond
+    from unclip_jax.pipelines.unclip import clip_from_run
+
+    encoder = clip_from_run(path)
+    model, vision = encoder.model, encoder.model.vision
+    if vision is None or vision.num_timesteps is None:
+        raise ValueError(f"{path} is a CLIP without a noise-aware image tower: CLIP guidance needs "
+                         "one (unclip-jax train --config noised_clip_b64)")  # fmt: skip
+    size, steps = stage.model.image_size, int(stage.diffusion.num_timesteps)
+    if vision.image_size != size:
+        raise ValueError(f"the noise-aware CLIP of {path} sees {vision.image_size} px images; the "
+                         f"base stage samples {size} px")  # fmt: skip
+    if vision.num_timesteps < steps:
+        raise ValueError(f"the noise-aware CLIP of {path} knows {vision.num_timesteps} timesteps; "
+                         f"the base diffusion has {steps}")  # fmt: skip
+    tokens = encoder.tokenizer(prompts)
+    scales = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (len(prompts),))
+    cond = clip_guidance_cond(model, encoder.params, jnp.asarray(tokens.input_ids), scales,
+                              eot_positions=jnp.asarray(tokens.eot_positions))  # fmt: skip
+    return ClipGuidance(model), cond
+
+
 def stage_from_run(path, dtype=None) -> tuple[GlideStage, object]:
     """(GlideStage, config) from a training run's workdir (its config and EMA params); `dtype`
     is the compute dtype (default float32; params stay float32)."""

@@ -131,10 +131,15 @@ def clip_sample(config, model, tokenizer, source):
                   "caption_ids": _caption_ids(records)}  # fmt: skip
         return inputs, _images(records, DISPLAY)
 
+    noised = model.vision.num_timesteps is not None  # read at t = 0: clean images
+
     @jax.jit
     def run(params, inputs):
-        out = model.apply({"params": params}, inputs["input_ids"],
-                          preprocess_images(inputs["images"], size),
+        images = inputs["images"]
+        # A [-1, 1]-input tower (the noise-aware one) normalises inside; CLIP's takes pixels.
+        pixels = images if model.vision.normalize_input else preprocess_images(images, size)
+        t = jnp.zeros((images.shape[0],), jnp.int32) if noised else None
+        out = model.apply({"params": params}, inputs["input_ids"], pixels, timesteps=t,
                           eot_positions=inputs["eot_positions"])  # fmt: skip
         top, top1 = retrieve(out.text_embeds, out.image_embeds, inputs["caption_ids"])
         return top, {"sample_top1": top1}

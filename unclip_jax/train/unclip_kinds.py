@@ -98,13 +98,23 @@ def clip_pixels(images: np.ndarray) -> np.ndarray:
 
 
 def clip_kind(config, workdir) -> ModelKind:
-    """Contrastive CLIP on the source dataset's captions with a BPE trained on them."""
+    """Contrastive CLIP on the source dataset's captions with a BPE trained on them. A
+    noise-aware image tower (vision.num_timesteps: noised_clip_b64) sees x_t of the images at a
+    uniform timestep of config.diffusion's chain (the GLIDE base's), GLIDE's CLIP-guidance
+    classifier."""
+    from unclip_jax import diffusion
     from unclip_jax.data import loader
     from unclip_jax.models.clip import clip_from_config
     from unclip_jax.models.clip import init_params as clip_init
-    from unclip_jax.train.clip import make_clip_loss
+    from unclip_jax.train.clip import make_clip_loss, make_noised_clip_loss
 
     model = clip_from_config(config.model)
+    if config.model.vision.get("num_timesteps") is None:
+        loss_fn = make_clip_loss(model)
+    else:
+        table = diffusion.create_diffusion(config.diffusion.schedule,
+                                           config.diffusion.num_timesteps)  # fmt: skip
+        loss_fn = make_noised_clip_loss(model, table)
     tokenizer = clip_tokenizer_for_run(config, workdir)
     if tokenizer.vocab_size > config.model.text.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids; the text tower "
@@ -129,8 +139,8 @@ def clip_kind(config, workdir) -> ModelKind:
 
     source_of = functools.partial(data_source, config)  # split -> the run's data source
     sample = unclip_hooks.clip_sample(config, model, tokenizer, source_of)
-    return ModelKind(init=functools.partial(clip_init, model), loss_fn=make_clip_loss(model),
-                     data=data, sample=sample)  # fmt: skip
+    return ModelKind(init=functools.partial(clip_init, model), loss_fn=loss_fn, data=data,
+                     sample=sample)  # fmt: skip
 
 
 def clip_tokenizer_for_run(config, workdir):
