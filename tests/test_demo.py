@@ -210,3 +210,29 @@ def test_clip_probe_reads_factored_embeddings_and_fails_on_entangled_ones():
     held_out = shapes.one_object_examples("test_compositional", count)
     most = max(np.mean([ex.objects[0].shape == k for ex in held_out]) for k in kinds)
     assert result["test_compositional"]["shape"] <= most < 1.0
+
+
+def test_demo_says_in_one_line_when_memory_or_disk_is_short(tmp_path, monkeypatch, capsys):
+    """Before any work: the measured needs of the default demo against what the machine has."""
+    config = config_utils.load_config("shapes_demo")
+    assert config.needs.memory_gb > 1 and config.needs.disk_gb > 0.1  # measured, not a stub
+    out = tmp_path / "demo"
+    monkeypatch.setattr(shapes, "available_memory_gb", lambda: config.needs.memory_gb / 2)
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not enough memory for the demo" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()  # nothing started
+    monkeypatch.setattr(shapes, "available_memory_gb", lambda: None)  # no /proc/meminfo
+
+    class Usage:
+        free = int(config.needs.disk_gb / 2 * 1e9)
+
+    monkeypatch.setattr(shapes.shutil, "disk_usage", lambda path: Usage)
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"not enough disk for the demo under {out}" in err and len(err.splitlines()) == 1, err
+    # A rerun needs only what is not written yet.
+    out.mkdir()
+    with open(out / "written.bin", "wb") as f:  # sparse: its size counts, no disk is used
+        f.truncate(int(config.needs.disk_gb * 0.6 * 1e9))
+    shapes.preflight(config, out)

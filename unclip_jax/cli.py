@@ -155,7 +155,10 @@ def run_demo(args) -> None:
 
     print(DEMO_NOTE, flush=True)
     config = config_utils.load_config(spec, args.set)
-    report = shapes.run(config, pathlib.Path(args.out))
+    try:  # checks memory and disk before any work
+        report = shapes.run(config, pathlib.Path(args.out))
+    except shapes.NotEnoughResources as err:
+        raise UserError(str(err)) from None
     print("\n" + "\n".join(shapes.format_report(report)))
 
 

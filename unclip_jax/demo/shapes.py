@@ -42,6 +42,7 @@ import logging
 import math
 import pathlib
 import resource
+import shutil
 import time
 
 import numpy as np
@@ -554,10 +555,53 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
 
 
 # ------------------------------------------------------------------------------------ the demo
+class NotEnoughResources(RuntimeError):
+    """The machine lacks the memory or the disk a demo run needs (one line, before any work)."""
+
+
+def available_memory_gb() -> float | None:
+    """MemAvailable of /proc/meminfo in GB (None where there is no such file: not checked)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        return None
+    return None
+
+
+def preflight(config, out_dir) -> None:
+    """Raise NotEnoughResources when this machine has less available memory than the demo's
+    measured peak (config.needs.memory_gb), or less free disk under `out_dir` than a whole run
+    writes less what is already there (config.needs.disk_gb: a rerun needs little)."""
+    needs = config.get("needs")
+    if needs is None:
+        return
+    out = pathlib.Path(out_dir).absolute()
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    have_disk = shutil.disk_usage(existing).free / 1e9
+    files = out.rglob("*") if out.exists() else ()
+    written = sum(p.stat().st_size for p in files if p.is_file()) / 1e9
+    need_disk = max(needs.disk_gb - written, 0.0)
+    if have_disk < need_disk:
+        raise NotEnoughResources(f"not enough disk for the demo under {out}: {have_disk:.1f} GB "
+                                 f"free, a run writes about {need_disk:.1f} GB more (choose "
+                                 "another --out)")  # fmt: skip
+    have_memory = available_memory_gb()
+    if have_memory is not None and have_memory < needs.memory_gb:
+        raise NotEnoughResources(f"not enough memory for the demo: {have_memory:.1f} GB "
+                                 f"available, it needs about {needs.memory_gb:.1f} GB (close "
+                                 "other programs, or run it on a larger machine)")  # fmt: skip
+
+
 def run(config, out_dir) -> dict:
     """Run (or reuse) every stage of the demo under `out_dir`; returns the report (demo.json)."""
     from unclip_jax.data.shapes_builder import build_shapes
 
+    preflight(config, out_dir)
     demo = Demo(config, out_dir)
     start_wall, start_cpu = time.perf_counter(), _cpu_seconds()
     with demo.stage("data", demo.data_dir) as record:
