@@ -296,3 +296,23 @@ def test_a_damaged_step_in_a_bucket_is_named_and_set_aside(bucket):
     assert str(moved).startswith(f"{bucket}/damaged/checkpoints.damaged/200-")
     assert storage.file_sizes(moved) == before
     ckpt.close()
+
+
+def test_local_copies_follow_the_bucket(bucket, tmp_path):
+    """local_copy of a folder and of one object (a CSV table, a tar shard): refreshed when the
+    bucket's object changes, a removed object removed from the copy."""
+    folder = f"{bucket}/copies"
+    storage.write_text(f"{folder}/a.txt", "one")
+    storage.write_text(f"{folder}/sub/b.txt", "two")
+    local = storage.local_copy(folder)
+    assert (local / "a.txt").read_text() == "one" and (local / "sub" / "b.txt").read_text() == "two"
+    storage.write_text(f"{folder}/a.txt", "three")
+    storage.path(f"{folder}/sub/b.txt").unlink()
+    local = storage.local_copy(folder)
+    assert (local / "a.txt").read_text() == "three" and not (local / "sub" / "b.txt").exists()
+    single = storage.local_copy(f"{folder}/a.txt")
+    assert single.is_file() and single.read_text() == "three"
+    storage.write_text(f"{folder}/a.txt", "four")
+    assert storage.local_copy(f"{folder}/a.txt").read_text() == "four"
+    with pytest.raises(FileNotFoundError, match=f"nothing at {bucket}/empty"):
+        storage.local_copy(f"{bucket}/empty")
