@@ -316,3 +316,30 @@ def test_local_copies_follow_the_bucket(bucket, tmp_path):
     assert storage.local_copy(f"{folder}/a.txt").read_text() == "four"
     with pytest.raises(FileNotFoundError, match=f"nothing at {bucket}/empty"):
         storage.local_copy(f"{bucket}/empty")
+
+
+def test_image_text_pairs_from_a_bucket_into_a_bucket(bucket, tmp_path, capsys, monkeypatch):
+    """Your own pairs with their folder and their data dir in the bucket: prepared once (built
+    locally, uploaded, the build report beside the data) and read back on a host with an empty
+    cache."""
+    from test_image_text_training import make_pairs
+
+    from unclip_jax.data.image_text import build_image_text
+
+    pairs = tmp_path / "my_pairs"
+    pairs.mkdir()
+    make_pairs(pairs, count=12)
+    source, data = f"{bucket}/sources/my_pairs", f"{bucket}/pairs_data"
+    storage.publish(pairs, source)
+    argv = ["data", "prepare", "--dataset", f"image_text:{source}", "--data_dir", data,
+            "--validation-fraction", "0.25"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert f"in {data} (read from its local copy" in capsys.readouterr().out
+    listed = storage.file_sizes(storage.path(f"{data}/image_text/my_pairs"))
+    assert any(name.endswith("dataset_info.json") for name in listed), listed
+    monkeypatch.setenv("UNCLIP_JAX_CACHE", str(tmp_path / "another_host"))
+    builder, report = build_image_text(source, data, name="my_pairs", validation_fraction=0.25)
+    splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+    assert sum(splits.values()) == 12 and report.source_format == "folder"
+    assert str(builder.data_dir).startswith(str(tmp_path / "another_host"))
+    assert builder.as_data_source("train")[0]["caption"]
