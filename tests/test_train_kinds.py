@@ -46,7 +46,7 @@ def test_tiny_glide_trains_on_shapes(tmp_path):
         assert first.size == (16, 16) and grid.size[0] > 2 * 16
 
     # GLIDE's CLIP guidance from the command line (issue 18): a noise-aware CLIP trained through
-    # `train` (on coloured squares with their captions: 40 steps learn colour) guides this run's
+    # `train` (on coloured squares with their captions: 20 steps learn colour) guides this run's
     # base stage; on the same seed its own score of the samples rises against scale 0, which is
     # the unguided sampler (tests/test_clip_training.py checks that equality).
     pairs = tmp_path / "pairs"
@@ -54,7 +54,7 @@ def test_tiny_glide_trains_on_shapes(tmp_path):
     make_pairs(pairs, count=96)
     noised = tmp_path / "noised_clip"
     settings = ["data.name=image_text", f"data.source={pairs}", f"data.dir={tmp_path / 'data'}",
-                "optim.steps=40", "optim.batch_size=32", "train.log_every=5",
+                "optim.steps=20", "optim.batch_size=32", "train.log_every=5",
                 "train.sample_every=0", "train.tensorboard=False"]  # fmt: skip
     argv = ["train", "--config", "noised_clip_b64:tiny", "--workdir", str(noised)]
     assert cli.main([*argv, *(a for s in settings for a in ("--set", s))]) == 0
