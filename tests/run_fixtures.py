@@ -173,3 +173,23 @@ def make_random_runs(root, *, names=tuple(CONFIGS), captions: int = 300,
         out[name] = save_random_run(workdir, config, _init_fn(name, config), seed=i,
                                     exact_init=exact_init)  # fmt: skip
     return out
+
+
+def final_params(workdir):
+    """(latest step, params as NumPy, data-iterator state) of a run folder (local or gs://)."""
+    ckpt = Checkpointer(f"{workdir}/checkpoints", enable_async=False)
+    step = ckpt.latest_step()
+    state, _, data = ckpt.restore(step)
+    ckpt.close()
+    return step, jax.tree.map(np.asarray, state["params"]), data
+
+
+def assert_identical_runs(a, b):
+    """Two runs ended at the same step with the same data state and bit-identical params (a
+    resumed run against an uninterrupted one); returns (step, data state)."""
+    step_a, params_a, data_a = final_params(a)
+    step_b, params_b, data_b = final_params(b)
+    assert step_a == step_b and data_a == data_b, (step_a, step_b, data_a, data_b)
+    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    return step_a, data_a

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
+from run_fixtures import assert_identical_runs
 
 from unclip_jax import cli, storage
 from unclip_jax.checkpoint import Checkpointer
@@ -104,14 +104,6 @@ def saved_steps(workdir) -> list[int]:
                   and (p / "commit_success.txt").exists())  # fmt: skip
 
 
-def final_params(workdir):
-    ckpt = Checkpointer(f"{workdir}/checkpoints", enable_async=False)
-    step = ckpt.latest_step()
-    state, _, data = ckpt.restore(step)
-    ckpt.close()
-    return step, jax.tree.map(np.asarray, state["params"]), data
-
-
 def test_prepare_train_kill_resume_and_sample_in_a_bucket(bucket, tmp_path, capsys):
     data = f"{bucket}/data"
     assert cli.main(["data", "prepare", "--dataset", "shapes:tiny", "--data_dir", data]) == 0
@@ -150,11 +142,8 @@ def test_prepare_train_kill_resume_and_sample_in_a_bucket(bucket, tmp_path, caps
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    step_a, params_a, data_a = final_params(straight)
-    step_b, params_b, data_b = final_params(run)
-    assert step_a == step_b == STEPS and data_a == data_b
-    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
-        np.testing.assert_array_equal(a, b)
+    step, _ = assert_identical_runs(straight, run)
+    assert step == STEPS
     # The run's files beside its checkpoints: metrics kept across the kill (one line per log
     # step, the killed process's included), the compile record, manifests in every step.
     lines = [json.loads(x) for x in storage.path(f"{run}/metrics.jsonl").read_text().splitlines()]

@@ -10,9 +10,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from run_fixtures import assert_identical_runs, final_params
 
 from unclip_jax import config_utils
-from unclip_jax.checkpoint import Checkpointer
 
 # Held-out loss and sample grids off: test_distributed covers them, and they cost compilations.
 # TensorBoard off in subprocesses: tensorboardX imports torch when it is installed (~2 s).
@@ -24,14 +24,6 @@ TINY = ["--config", "toy2d:tiny", *(arg for item in SETTINGS for arg in ("--set"
 def command(workdir, *extra):
     return [sys.executable, "-m", "unclip_jax.cli", "train", *TINY, *extra, "--workdir",
             str(workdir)]  # fmt: skip
-
-
-def final_params(workdir):
-    ckpt = Checkpointer(workdir / "checkpoints", enable_async=False)
-    step = ckpt.latest_step()
-    state, _, data = ckpt.restore(step)
-    ckpt.close()
-    return step, jax.tree.map(np.asarray, state["params"]), data
 
 
 def wait_for_checkpoint(workdir, at_least, proc, timeout=120):
@@ -70,12 +62,8 @@ def test_exact_resume_after_sigkill(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    step_a, params_a, data_a = final_params(straight)
-    step_b, params_b, data_b = final_params(broken)
-    assert step_a == step_b == 24
-    assert data_a == data_b == {"index": 24}  # the same batches, none skipped or repeated
-    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
-        np.testing.assert_array_equal(a, b)
+    step, data = assert_identical_runs(straight, broken)
+    assert step == 24 and data == {"index": 24}  # the same batches, none skipped or repeated
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [4, 8, 12, 16, 20, 24]
     assert {"loss", "mse", "vb", "grad_norm", "param_norm", "learning_rate", "steps_per_s",

@@ -41,6 +41,7 @@ class MetricWriter:
         tb_dir = self.workdir / "tensorboard"
         self._tb_remote = tb_dir if storage.is_remote(tb_dir) else None
         self._tb_uploaded = time.monotonic()
+        self._tb_local = None  # where the event files are written (a local mirror for gs://)
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
