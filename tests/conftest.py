@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices, forced before anything imports jax."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -9,9 +11,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's CPU optimisation passes dominate compile time for the tests' tiny models (a tiny GLIDE
 # init compiles in ~5 s instead of ~20 s); the tests check numbers, not speed.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# No persistent compilation cache in tests (hermetic, nothing written under ~/.cache);
-# tests/test_compile_cache.py turns it on in its own processes.
+# unclip-jax's own cache (~/.cache/unclip-jax) stays off: nothing is written outside the run's
+# temporary folders; tests/test_compile_cache.py turns it on in its own processes.
 os.environ["UNCLIP_JAX_COMPILATION_CACHE"] = "off"
+# One JAX persistent compilation cache for the whole pytest run instead, in a temporary folder
+# that the controlling process creates (xdist workers and the subprocesses tests start inherit
+# it) and removes at the end: a program that a run compiles twice, e.g. the train step of a
+# killed process and of its resume, or the same tiny model in two test files, compiles once.
+if "UNCLIP_JAX_TEST_CACHE" not in os.environ:
+    os.environ["UNCLIP_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="unclip-jax-tests-")
+    _OWN_TEST_CACHE = True
+else:
+    _OWN_TEST_CACHE = False
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["UNCLIP_JAX_TEST_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 
@@ -50,3 +63,8 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_TEST_CACHE:  # the controlling process (or a run without xdist) made the folder
+        shutil.rmtree(os.environ["UNCLIP_JAX_TEST_CACHE"], ignore_errors=True)
