@@ -105,4 +105,10 @@ def test_tiny_kind_trains_and_samples(name, root, request):
         [record] = [json.loads(x) for x in lines]
         assert record["step"] == STEPS and 0.0 <= record["sample_top1"] <= 1.0
         if name != "clip":
-            assert -1.0 <= record["sample_cosine"] <= 1.0
+            # The mechanism of the prior's case (unCLIP, section 3): on held-out examples its
+            # sampled embeddings are closer to the true image embeddings than the captions' own
+            # text embeddings, which a prior that passed z_t through (or sampled the wrong space)
+            # would not be. Measured after 30 steps: prior 0.90, AR prior 1.00, text -0.06. Over
+            # a CLIP still at chance the image embeddings nearly share one direction, so this
+            # shows the mechanism, not a caption-specific gain (that is sample_top1's).
+            assert record["sample_cosine"] > record["text_cosine"] + 0.5, record

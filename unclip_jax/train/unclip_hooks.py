@@ -11,7 +11,8 @@ The retrieval kinds (clip, prior, ar_prior) search a pool of `POOL` held-out exa
 caption of the pool and log to sample_metrics.jsonl: `sample_top1`, the fraction of captions whose
 nearest image carries the same caption (shapes captions repeat, so this is not "the same
 example"), and for the priors `sample_cosine`, the mean cosine of each sampled embedding with its
-caption's own image embedding.
+caption's own image embedding, beside `text_cosine`, the same for the caption's CLIP text
+embedding (what a prior must beat: unCLIP's prior exists because z_t is a poor stand-in for z_i).
 
 Held-out examples come from the `validation` split: of the source, or of the side dataset when it
 has one (else its training split, with a warning). A hook reads them on its first call, then runs
@@ -168,8 +169,13 @@ def _prior_hook(config, folder, source, text_ctx: int, embed, extra=None):
     def run(params, rng, inputs):
         z = embed(params, rng, inputs)
         top, top1 = retrieve(z, inputs["image_emb"], inputs["caption_ids"])
-        cosine = jnp.sum(l2_normalize(z) * l2_normalize(inputs["image_emb"]), axis=-1)
-        return top, {"sample_top1": top1, "sample_cosine": jnp.mean(cosine)}
+        image = l2_normalize(inputs["image_emb"])
+        cosine = jnp.sum(l2_normalize(z) * image, axis=-1)
+        # The baseline a prior must beat (the unCLIP paper's case for one): the caption's CLIP
+        # text embedding used as the image embedding, which CLIP's modality gap keeps apart.
+        text = jnp.sum(l2_normalize(inputs["text_emb"]) * image, axis=-1)
+        return top, {"sample_top1": top1, "sample_cosine": jnp.mean(cosine),
+                     "text_cosine": jnp.mean(text)}  # fmt: skip
 
     def sample(ema_params, rng):
         inputs, display = examples()
