@@ -27,11 +27,13 @@ from JAX and nothing else; sampling goes on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pathlib
 
 import jax
+import jaxlib
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,9 @@ _COUNTS = {
     "/jax/core/compile/backend_compile_duration": "compilations",
     "/jax/compilation_cache/cache_hits": "cache_hits",
 }
-_stats = dict.fromkeys(["compilations", "cache_hits"], 0) | dict.fromkeys(_DURATIONS.values(), 0.0)
+_stats = dict.fromkeys(["compilations", "cache_hits", "exports_read", "exports_written"], 0) | (
+    dict.fromkeys(_DURATIONS.values(), 0.0)
+)
 
 
 _by_function: dict[str, float] = {}  # trace + lowering + backend seconds per jitted function
@@ -128,6 +132,109 @@ def stats() -> dict:
     """Since this process started: `compilations` (programs handed to XLA's backend, persistent
     cache hits included), `cache_hits`, and seconds spent tracing (`trace_s`), lowering to MLIR
     (`lower_s`) and in the backend (`backend_s`: XLA's compile, or the cache's read on a hit);
-    `slowest`: the five functions that cost the most of these seconds, [name, seconds]."""
+    `slowest`: the five functions that cost the most of these seconds, [name, seconds];
+    `exports_read` / `exports_written`: traced programs read from / written to `<cache>/exports`
+    (`Exported`)."""
     slowest = sorted(_by_function.items(), key=lambda item: -item[1])[:5]
     return dict(_stats) | {"slowest": [[name, round(sec, 3)] for name, sec in slowest]}
+
+
+# ------------------------------------------------------------------------- exported programs
+# The persistent cache skips XLA's compile, not JAX's tracing: a later process still traces the
+# Flax networks of every sampler (seconds for a UNet loop; results/compile_cache_cpu.json in
+# benchmarks/) before it can look the executable up. `Exported` keeps the traced program itself
+# (jax.export's serialized StableHLO) in `<cache>/exports`, so that a later process reads it and
+# goes straight to the (cached) compile.
+EXPORTS = "exports"
+_source_digest: str | None = None
+_warned: set[str] = set()
+
+
+def _package_digest() -> str:
+    """A digest of unclip_jax's own source files: an exported program is a pure function of them
+    (and of the key and the arguments), so any edit to the package retires every export."""
+    global _source_digest
+    if _source_digest is None:
+        h = hashlib.sha256()
+        root = pathlib.Path(__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def _leaf_signature(leaf) -> str:
+    aval = jax.typeof(leaf)
+    sharding = getattr(leaf, "sharding", None)
+    return f"{aval.str_short()}:{aval.weak_type}:{sharding!r}" if sharding else (
+        f"{aval.str_short()}:{aval.weak_type}")  # fmt: skip
+
+
+def _warn_once(what: str, err: BaseException) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        log.warning("%s: %s: %s", what, type(err).__name__, err)
+
+
+class Exported:
+    """`jax.jit(fn)`, whose traced program is also kept on disk beside the persistent compilation
+    cache and read back by later processes instead of tracing `fn` again.
+
+    fn(*args) takes pytrees of arrays (None and Python scalars allowed) positionally; everything
+    else it depends on is closed over and must be named by `key`. A program is identified by
+    `key`, the arguments' tree structure, shapes, dtypes and shardings, the jax/jaxlib versions,
+    the backend and its device count and kind, and the source of unclip_jax itself, so an export
+    is never served to a different program. Without a cache folder (compile_cache off) this is
+    plain `jax.jit(fn)`; an export that cannot be made or read is logged once and falls back to it.
+    `traced_from_disk` counts the calls served by a program read from disk.
+    """
+
+    def __init__(self, fn, key: str):
+        self.fn, self.key = fn, key
+        self._jitted = jax.jit(fn)
+        self._calls: dict[str, object] = {}
+        self.traced_from_disk = 0
+
+    def __call__(self, *args):
+        folder = jax.config.jax_compilation_cache_dir
+        if not folder:
+            return self._jitted(*args)
+        leaves, treedef = jax.tree.flatten(args)
+        device = jax.devices()[0]
+        parts = [self.key, str(treedef), *map(_leaf_signature, leaves), jax.__version__,
+                 jaxlib.__version__, device.platform, str(jax.device_count()),
+                 device.device_kind, _package_digest()]  # fmt: skip
+        digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+        call = self._calls.get(digest)
+        if call is None:
+            call = self._calls[digest] = self._load_or_export(
+                pathlib.Path(folder) / EXPORTS / f"{digest}.jaxexport", args
+            )
+        return call(*args)
+
+    def _load_or_export(self, path: pathlib.Path, args):
+        from jax import export
+
+        if path.is_file():
+            try:
+                exported = export.deserialize(bytearray(path.read_bytes()))
+                _stats["exports_read"] += 1
+                self.traced_from_disk += 1
+                return jax.jit(exported.call)
+            except Exception as err:  # noqa: BLE001 (a damaged or foreign file: export again)
+                _warn_once(f"exported program {path} unreadable, tracing again", err)
+        try:
+            exported = export.export(self._jitted)(*args)
+            data = exported.serialize()
+        except Exception as err:  # noqa: BLE001 (e.g. flatbuffers missing, an unexportable op)
+            _warn_once(f"not exporting {self.key.split('/')[0]} programs", err)
+            return self._jitted
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # whole or absent for a concurrent reader
+            _stats["exports_written"] += 1
+        except OSError as err:
+            _warn_once(f"cannot write exported programs to {path.parent}", err)
+        return jax.jit(exported.call)

@@ -89,6 +89,21 @@ class DiffusionTable:
         return self.var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
 
 
+# jax.export (compile_cache.Exported keeps the traced samplers on disk) serializes a table's tree
+# structure; the static enums travel as their string values.
+jax.export.register_pytree_node_serialization(
+    DiffusionTable,
+    serialized_name="unclip_jax.diffusion.DiffusionTable",
+    serialize_auxdata=lambda aux: "|".join(str(x) for x in aux).encode(),
+    deserialize_auxdata=lambda data: tuple(
+        kind(value)
+        for kind, value in zip(
+            (ModelMeanType, ModelVarType, LossType), data.decode().split("|"), strict=True
+        )
+    ),
+)
+
+
 def schedule_arrays(betas: np.ndarray) -> dict[str, np.ndarray]:
     """All derived schedule arrays in float64 (the formulas of SPEC 1.1)."""
     betas = np.asarray(betas, dtype=np.float64)

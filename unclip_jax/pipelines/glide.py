@@ -58,6 +58,7 @@ class GlideStage:
         compile_cache.enable()
         # One function object per stage: the jitted samplers treat it as a static argument.
         self.model_fn = functools.partial(_apply, self.model)
+        self._exported: dict = {}
 
     def sample(self, cond, rng, *, respacing: str, sampler: str = "ddpm", null_cond=None,
                guidance_scale=None, temperature: float = 1.0, inpaint: bool = False,
@@ -83,8 +84,28 @@ class GlideStage:
             if guidance_scale is not None:
                 kwargs["guidance_scale"] = put(jnp.broadcast_to(guidance_scale, (batch,)))
             kwargs["sharding"] = sharding
+        if cond_fn is None and not inpaint:  # traced once per machine (compile_cache.Exported)
+            run = self._exported_sampler(sampler, kwargs.get("sharding"))
+            return run(table, self.params, x_T, k_sample, cond, kwargs["null_cond"],
+                       kwargs["guidance_scale"], jnp.float32(eta))  # fmt: skip
         return diffusion.sample(sampler, self.model_fn, table, self.params, x_T, k_sample, cond,
                                 **kwargs)  # fmt: skip
+
+    def _exported_sampler(self, sampler: str, sharding):
+        found = self._exported.get((sampler, sharding))
+        if found is None:
+
+            def run(table, params, x_T, rng, cond, null_cond, guidance_scale, eta):
+                kwargs = dict(null_cond=null_cond, guidance_scale=guidance_scale,
+                              clip_denoised=True, sharding=sharding)  # fmt: skip
+                if sampler == "ddim":
+                    kwargs["eta"] = eta
+                return diffusion.sample(sampler, self.model_fn, table, params, x_T, rng, cond,
+                                        **kwargs)  # fmt: skip
+
+            key = f"GlideStage.sample/{sampler}/{sharding!r}/{self.model!r}"
+            found = self._exported[(sampler, sharding)] = compile_cache.Exported(run, key)
+        return found
 
 
 @dataclass

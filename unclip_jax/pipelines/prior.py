@@ -62,7 +62,8 @@ class PriorSampler:
       image_emb [B, D] (the chosen candidate, raw CLIP space), candidates [B, N, D], scores [B, N]
       (dot products with cond["text_emb"]) and best [B] (the chosen index).
     Params, rng, conditioning, guidance scales and the clamp are traced: new weights, seeds or
-    scales never recompile; `compilations` counts the traces.
+    scales never recompile; `compilations` counts the programs built: traced here, or read from
+    disk (a program another process traced, compile_cache.Exported).
     """
 
     def __init__(self, model: DiffusionPrior, diffusion_config, *, respacing: str = "64",
@@ -81,11 +82,17 @@ class PriorSampler:
         self.temperature = temperature
         # One function object for the sampler's static model_fn argument.
         self.model_fn = functools.partial(_apply, model)
-        self.compilations = 0
-        self._jitted = jax.jit(self._sample)
+        self._traces = 0
+        # Traced once per machine: later processes read the program (compile_cache.Exported).
+        key = f"PriorSampler/{model!r}/{sampler}/{num_candidates}/{clamp is None}/{temperature}"
+        self._jitted = compile_cache.Exported(self._sample, key)
+
+    @property
+    def compilations(self) -> int:
+        return self._traces + self._jitted.traced_from_disk
 
     def _sample(self, params, table, cond, rng, null_cond, guidance_scale, clamp, x_T):
-        self.compilations += 1  # runs once per trace
+        self._traces += 1  # runs once per trace
         n = self.num_candidates
         batch = cond["text_emb"].shape[0]
         repeat = functools.partial(jnp.repeat, repeats=n, axis=0)

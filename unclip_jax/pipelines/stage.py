@@ -31,6 +31,12 @@ def sampling_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
+def network_key(make_model_fn: Callable, model) -> str:
+    """DiffusionStage.export_key of `make_model_fn(model)`: the builder's name and the Flax
+    module's repr, which lists every attribute (sizes, dtype, ...) of the network."""
+    return f"{make_model_fn.__module__}.{make_model_fn.__qualname__}({model!r})"
+
+
 @dataclass(eq=False)
 class DiffusionStage:
     """model_fn(params, x, t_model, cond) -> output, for samples of shape [B, *sample_shape].
@@ -46,9 +52,14 @@ class DiffusionStage:
     clip_denoised: bool = True
     clip_range: float = 1.0
     denoised_fn: Callable | None = None
+    # What model_fn computes, as a string (e.g. `network_key(make_model_fn, model)`): with it, the
+    # traced sampling loops are kept on disk (compile_cache.Exported) and a later process skips
+    # tracing the network. None: traced in every process.
+    export_key: str | None = None
 
     def __post_init__(self):
         compile_cache.enable()  # a sampling loop compiles once per machine, not per process
+        self._exported: dict = {}
 
     def table(self, respacing):
         return diffusion.diffusion_from_config(self.diffusion, respacing)
@@ -79,12 +90,36 @@ class DiffusionStage:
             raise ValueError(f"x_T has shape {x_T.shape}, expected "
                              f"{(batch,) + tuple(self.sample_shape)}")  # fmt: skip
         x_T, cond, kwargs = self._place(mesh, batch, x_T, cond, null_cond, guidance_scale)
+        if self.export_key is not None and self.denoised_fn is None:
+            run = self._exported_sampler(sampler, kwargs.get("sharding"))
+            return run(self.table(respacing), self.params, x_T, k_sample, cond,
+                       kwargs["null_cond"], kwargs["guidance_scale"],
+                       jnp.float32(self.clip_range), jnp.float32(eta))  # fmt: skip
         kwargs.update(clip_denoised=self.clip_denoised, clip_range=self.clip_range,
                       denoised_fn=self.denoised_fn)  # fmt: skip
         if sampler == "ddim":
             kwargs["eta"] = eta
         return diffusion.sample(sampler, self.model_fn, self.table(respacing), self.params, x_T,
                                 k_sample, cond, **kwargs)  # fmt: skip
+
+    def _exported_sampler(self, sampler: str, sharding):
+        """The whole sampling loop as one compile_cache.Exported function of its arrays."""
+        found = self._exported.get((sampler, sharding))
+        if found is None:
+
+            def run(table, params, x_T, rng, cond, null_cond, guidance_scale, clip_range, eta):
+                kwargs = dict(null_cond=null_cond, guidance_scale=guidance_scale,
+                              clip_denoised=self.clip_denoised, clip_range=clip_range,
+                              sharding=sharding)  # fmt: skip
+                if sampler == "ddim":
+                    kwargs["eta"] = eta
+                return diffusion.sample(sampler, self.model_fn, table, params, x_T, rng, cond,
+                                        **kwargs)  # fmt: skip
+
+            key = (f"DiffusionStage.sample/{sampler}/{self.clip_denoised}/{sharding!r}/"
+                   f"{self.export_key}")  # fmt: skip
+            found = self._exported[(sampler, sharding)] = compile_cache.Exported(run, key)
+        return found
 
     def invert(self, x_0, cond, *, respacing, null_cond=None, guidance_scale=None,
                fixed_point_iters: int = 0, mesh=None):  # fmt: skip

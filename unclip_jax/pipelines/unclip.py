@@ -28,7 +28,7 @@ import numpy as np
 
 from unclip_jax import compile_cache, storage
 from unclip_jax.pipelines import manipulations
-from unclip_jax.pipelines.stage import DiffusionStage, sampling_dtype
+from unclip_jax.pipelines.stage import DiffusionStage, network_key, sampling_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,11 @@ class ClipEncoder:
         # Karlo/diffusers ship the towers as separate models (text_encoder, image_encoder).
         self.image_model = model if image_model is None else image_model
         self.image_params = params if image_model is None else image_params
-        self._text = jax.jit(functools.partial(_text_forward, model))
-        self._image = jax.jit(functools.partial(_image_forward, self.image_model))
+        image = self.image_model
+        self._text = compile_cache.Exported(functools.partial(_text_forward, model),
+                                            f"ClipEncoder.text/{model!r}")  # fmt: skip
+        self._image = compile_cache.Exported(functools.partial(_image_forward, image),
+                                             f"ClipEncoder.images/{image!r}")  # fmt: skip
 
     def text(self, prompts: list[str]) -> dict:
         tokens = self.tokenizer(list(prompts))
@@ -381,7 +384,8 @@ def ar_prior_from_run(path, dtype=None) -> PriorStage:
 
 def _stage(model, params, config, make_model_fn) -> DiffusionStage:
     size = model.image_size
-    return DiffusionStage(make_model_fn(model), params, config.diffusion, (size, size, 3))
+    return DiffusionStage(make_model_fn(model), params, config.diffusion, (size, size, 3),
+                          export_key=network_key(make_model_fn, model))  # fmt: skip
 
 
 def pipeline_from_runs(*, clip, decoder, prior=None, ar_prior=None, upsamplers=(),
@@ -491,7 +495,8 @@ def pipeline_from_diffusers(
     clamp = scheduler_clamp(root, "decoder", dec_cfg.diffusion, 1.0)
     decoder = DiffusionStage(make_model_fn(dec_model), dec_params, dec_cfg.diffusion,
                              (size, size, 3), clip_denoised=clamp is not None,
-                             clip_range=1.0 if clamp is None else clamp)  # fmt: skip
+                             clip_range=1.0 if clamp is None else clamp,
+                             export_key=network_key(make_model_fn, dec_model))  # fmt: skip
     pipe = UnclipPipeline(
         clip=clip,
         decoder=decoder,
@@ -504,15 +509,16 @@ def pipeline_from_diffusers(
         up_cfg = config_utils.load_config(upsampler_config)
         up_model, first = load_diffusers_upsampler(root / "super_res_first", low_res_size=size,
                                                    dtype=dtype)  # fmt: skip
-        fn, params = make_model_fn(up_model), first
+        make_fn, params = make_model_fn, first
         if (root / "super_res_last").is_dir():
             _, last = load_diffusers_upsampler(root / "super_res_last", low_res_size=size,
                                                dtype=dtype)  # fmt: skip
-            fn, params = make_last_step_model_fn(up_model), {"first": first, "last": last}
+            make_fn, params = make_last_step_model_fn, {"first": first, "last": last}
         shape = (up_model.image_size, up_model.image_size, 3)
         clamp = scheduler_clamp(root, "super_res", up_cfg.diffusion, 1.0)
-        stage = DiffusionStage(fn, params, up_cfg.diffusion, shape,
+        stage = DiffusionStage(make_fn(up_model), params, up_cfg.diffusion, shape,
                                clip_denoised=clamp is not None,
-                               clip_range=1.0 if clamp is None else clamp)  # fmt: skip
+                               clip_range=1.0 if clamp is None else clamp,
+                               export_key=network_key(make_fn, up_model))  # fmt: skip
         pipe.upsamplers.append((stage, dict(up_cfg.sample)))
     return pipe
