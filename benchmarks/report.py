@@ -123,19 +123,24 @@ def scale_plan(d: dict) -> str:
 
 
 def compile_cache(d: dict) -> str:
-    rows = ["| process | programs | cache hits | compile s (trace + lower + XLA or cache read) | "
-            "of which XLA / cache read | wall s |", "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| process | programs | cache hits | exported programs read / written | compile s "
+            "(trace + lower + XLA or cache read) | trace s | XLA / cache read s | wall s | "
+            "load before |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in d["processes"]:
         c = p["compile"]
+        load = p.get("gate", {}).get("load_1min_before")
         rows.append(
             f"| {p['process']} | {c['compilations']} | {c['cache_hits']} | "
-            f"{p['compile_s']:.1f} | {c['backend_s']:.1f} | {p['wall_s']:.0f} |"
+            f"{c.get('exports_read', 0)} / {c.get('exports_written', 0)} | "
+            f"{p['compile_s']:.1f} | {c['trace_s']:.2f} | {c['backend_s']:.1f} | "
+            f"{p['wall_s']:.0f} | {'' if load is None else load} |"
         )
     return (
         "\n".join(rows) + f"\n\nSecond process / first: "
         f"{d['second_over_first_compile']:.3f} of the compile time "
-        f"({d['second_over_first_backend']:.3f} of XLA's part; goal < 0.10); "
-        f"{d['decoder_steps']} decoder steps; cache {d['cache_bytes'] / 1e6:.0f} MB."
+        f"({d['second_over_first_backend']:.3f} of XLA's part; goal < 0.10"
+        f"{', met' if d.get('met') else ', not met'}); {d['decoder_steps']} decoder steps; "
+        f"cache {d['cache_bytes'] / 1e6:.1f} MB; {d.get('date', '')}."
     )
 
 
