@@ -112,6 +112,15 @@ def get_config(arg=None):
     a.glide_steps = 15
     a.upsample = False  # faithfulness is read at 32 px as well; saves compiling the upsampler again
 
+    # The prior's case (demo.shapes.prior_eval_stage): cosine of each prior's sampled embedding,
+    # of the caption's text embedding and of the split's mean image embedding with the true image
+    # embeddings of the splits' first `captions` examples. Embeddings only: seconds.
+    v = c.prior_eval = ml_collections.ConfigDict()
+    v.enabled = True
+    v.splits = ("validation", "test_compositional")
+    v.captions = 64
+    v.priors = ("diffusion", "ar")
+
     # Faithfulness on the validation / test_compositional splits' own captions (the quality recipe
     # turns it on; the demo's 16-minute budget leaves it off).
     e = c.split_eval = ml_collections.ConfigDict()
@@ -147,5 +156,6 @@ def get_config(arg=None):
         e.captions, e.batch, e.steps = 4, 2, 2  # batch 2 as in the sample stage
         e.zero_shot = 8
         e.probe_train = 32
+        v.captions = 8
         c.needs.memory_gb, c.needs.disk_gb = 1.5, 0.2
     return c

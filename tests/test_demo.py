@@ -31,7 +31,7 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
 
     stages = report["stages"]
     assert list(stages) == ["data", "clip", "embed", *TRAINED[1:], "sample", "ablation",
-                            "split_eval"]  # fmt: skip
+                            "prior_eval", "split_eval"]  # fmt: skip
     assert json.loads((out / "demo.json").read_text())["stages"].keys() == stages.keys()
     for name in TRAINED:
         record = stages[name]
@@ -76,10 +76,17 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
             record = json.loads((out / "split_eval" / split / pipe / "record.json").read_text())
             assert record["captions"][0] == shapes_data.render_example(split, 0).caption
             assert len(record["images"]) == e.captions and _png(record["images"][0]) == (32, 32)
+    # The prior's case, per split: cosines with the true image embeddings, and retrieval.
+    for split in config.prior_eval.splits:
+        result = stages["prior_eval"][split]
+        assert result["n"] == config.prior_eval.captions
+        for name in ("diffusion", "ar", "text", "split_mean_image"):
+            assert -1.0 <= result[name] <= 1.0 and 0.0 <= result[f"{name}_top1"] <= 1.0
+    assert json.loads((out / "prior_eval.json").read_text()).keys() == set(config.prior_eval.splits)
     table = "\n".join(shapes.format_report(report))
     assert "seen / held-out" in table and "total" in table
     assert "test_compositional captions" in table and "CLIP zero-shot" in table
-    assert "CLIP linear probe" in table
+    assert "CLIP linear probe" in table and "priors, validation: cosine" in table
     # The last lines: the grids to look at, and commands that run on the demo's runs as printed.
     lines = shapes.format_report(report)
     last = lines[next(i for i, line in enumerate(lines) if line.startswith("look at: ")) :]
@@ -97,7 +104,8 @@ def test_mini_demo_end_to_end_then_reused(tmp_path):
     # A second run trains nothing and reuses the samples and the ablation.
     again = shapes.run(config, out)["stages"]
     assert all(again[name]["skipped"]
-               for name in (*TRAINED, "embed", "sample", "ablation", "split_eval"))  # fmt: skip
+               for name in (*TRAINED, "embed", "sample", "ablation", "prior_eval",
+                            "split_eval"))  # fmt: skip
     assert again["sample"]["unclip"] == stages["sample"]["unclip"]
     assert sum(again[name]["cpu_seconds"] for name in again) < 60
 

@@ -554,6 +554,63 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
             record[split] = result
 
 
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def prior_eval_stage(demo: Demo, pipes: Pipelines) -> None:
+    """The unCLIP paper's case for a prior, on each split's own captions (`shapes.render_example`,
+    index 0 upward): the mean cosine of each example's true CLIP image embedding with
+    - the embedding each prior samples for its caption (at the demo's prior guidance),
+    - the caption's CLIP text embedding (what the decoder gets with no prior), and
+    - the mean of the split's image embeddings (a prior that ignored its caption; an oracle, since
+      it is the mean of the very embeddings it is scored against);
+    and `*_top1`: how often the example's own image is the nearest of the split's images to that
+    embedding (chance: 1 / n; shapes captions repeat, so same-caption images tie)."""
+    import jax
+
+    from unclip_jax.data import shapes
+
+    e, s = demo.config.prior_eval, demo.config.sample
+    fingerprint = stage_fingerprint(demo, [_to_plain(e), s.prior_guidance])
+    out = demo.out / "prior_eval.json"
+    with demo.stage("prior_eval", out) as record:
+        if demo.reuse("prior_eval", fingerprint, record):
+            return
+        clip = pipes.unclip.clip
+        rng = jax.random.key(demo.config.seed + 2)
+        for split_index, split in enumerate(e.splits):
+            examples = [shapes.render_example(split, i) for i in range(e.captions)]
+            captions = [ex.caption for ex in examples]
+            image = _unit(_clip_image_embeds(clip, examples))
+            text = clip.text(captions)
+            mean = image.mean(0, keepdims=True)
+            candidates = {"text": text["text_emb"], "split_mean_image": mean}
+            for prior in e.priors:
+                key = jax.random.fold_in(rng, split_index)
+                candidates[prior] = pipes.unclip.image_embeddings(
+                    captions, key, prior=prior, guidance_scale=s.prior_guidance, text=text
+                )
+            result = {"n": len(examples)}
+            for name, z in candidates.items():
+                z = np.broadcast_to(_unit(jax.device_get(z)), image.shape)
+                result[name] = round(float(np.mean(np.sum(z * image, -1))), 4)
+                nearest = np.argmax(z @ image.T, axis=1)
+                own = np.array([captions[j] == captions[i] for i, j in enumerate(nearest)])
+                result[f"{name}_top1"] = round(float(own.mean()), 4)
+            record[split] = result
+        record["summary"] = [
+            f"{split}: cosine with the true image embedding, "
+            + ", ".join(
+                f"{name} {record[split][name]:.2f}"
+                for name in (*e.priors, "text", "split_mean_image")
+            )
+            for split in e.splits
+        ]
+        out.write_text(json.dumps({split: record[split] for split in e.splits}, indent=1) + "\n")
+
+
 # ------------------------------------------------------------------------------------ the demo
 class NotEnoughResources(RuntimeError):
     """The machine lacks the memory or the disk a demo run needs (one line, before any work)."""
@@ -616,6 +673,8 @@ def run(config, out_dir) -> dict:
         sample_stage(demo, pipes)
         if config.ablation.enabled:
             ablation_stage(demo, pipes)
+        if config.prior_eval.enabled:
+            prior_eval_stage(demo, pipes)
         if config.split_eval.enabled:
             split_eval_stage(demo, pipes)
     except Interrupted as stop:
@@ -678,6 +737,8 @@ def format_report(report: dict) -> list[str]:
                 lines.append(f"  CLIP linear probe (colour / shape): {_fmt(p['color'])} / "
                              f"{_fmt(p['shape'])} (fitted on {p['train_n']} seen-pair train "
                              "images)")  # fmt: skip
+    for line in report["stages"].get("prior_eval", {}).get("summary", []):
+        lines.append(f"priors, {line}")
     if report.get("interrupted"):
         lines.append(f"interrupted: {report['interrupted']}")
     ablation = report["stages"].get("ablation", {})
