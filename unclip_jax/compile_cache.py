@@ -185,7 +185,9 @@ class Exported:
     `key`, the arguments' tree structure, shapes, dtypes and shardings, the jax/jaxlib versions,
     the backend and its device count and kind, and the source of unclip_jax itself, so an export
     is never served to a different program. Without a cache folder (compile_cache off) this is
-    plain `jax.jit(fn)`; an export that cannot be made or read is logged once and falls back to it.
+    plain `jax.jit(fn)` (also for a remote cache, e.g. gs://, which JAX allows: exports are read
+    from local disk only); an export that cannot be made or read is logged once and falls back
+    to it.
     `traced_from_disk` counts the calls served by a program read from disk.
     """
 
@@ -197,7 +199,7 @@ class Exported:
 
     def __call__(self, *args):
         folder = jax.config.jax_compilation_cache_dir
-        if not folder:
+        if not folder or "://" in folder:  # off, or a remote cache: exports stay local only
             return self._jitted(*args)
         leaves, treedef = jax.tree.flatten(args)
         device = jax.devices()[0]
