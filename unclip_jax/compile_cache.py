@@ -197,6 +197,11 @@ class Exported:
         self._calls: dict[str, object] = {}
         self.traced_from_disk = 0
 
+    def lower(self, *args):
+        """`jax.jit(fn).lower(*args)`: ahead-of-time lowering (e.g. on ShapeDtypeStructs, for
+        memory analysis), never through an export."""
+        return self._jitted.lower(*args)
+
     def __call__(self, *args):
         folder = jax.config.jax_compilation_cache_dir
         if not folder or "://" in folder:  # off, or a remote cache: exports stay local only
