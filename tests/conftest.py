@@ -46,10 +46,11 @@ ocp.type_handlers.register_type_handler(
 # ~5 minutes, as the tail of a 13-minute run).
 LONGEST_FIRST = (
     "test_demo.py",
-    "test_kind_runs.py",
-    "test_gcs.py",
-    "test_glide_training.py",
     "test_train_kinds.py",
+    "test_gcs.py",
+    "test_kind_runs.py",
+    "test_glide_kinds.py",
+    "test_glide_training.py",
     "test_train_loop.py",
     "test_clip_training.py",
     "test_distributed.py",

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from unclip_jax import compile_cache, diffusion
 from unclip_jax.imaging import area_downsample, nearest_downsample, quantize_8bit
 from unclip_jax.models.glide import GlideUNet
-from unclip_jax.pipelines.stage import sampling_dtype
+from unclip_jax.pipelines.stage import exported_sampler, sampling_dtype
 from unclip_jax.tokenizers import glide_tokenize
 
 log = logging.getLogger(__name__)
@@ -85,27 +85,12 @@ class GlideStage:
                 kwargs["guidance_scale"] = put(jnp.broadcast_to(guidance_scale, (batch,)))
             kwargs["sharding"] = sharding
         if cond_fn is None and not inpaint:  # traced once per machine (compile_cache.Exported)
-            run = self._exported_sampler(sampler, kwargs.get("sharding"))
+            run = exported_sampler(self._exported, self.model_fn, repr(self.model), sampler,
+                                   kwargs.get("sharding"), clip_denoised=True)  # fmt: skip
             return run(table, self.params, x_T, k_sample, cond, kwargs["null_cond"],
-                       kwargs["guidance_scale"], jnp.float32(eta))  # fmt: skip
+                       kwargs["guidance_scale"], jnp.float32(1.0), jnp.float32(eta))  # fmt: skip
         return diffusion.sample(sampler, self.model_fn, table, self.params, x_T, k_sample, cond,
                                 **kwargs)  # fmt: skip
-
-    def _exported_sampler(self, sampler: str, sharding):
-        found = self._exported.get((sampler, sharding))
-        if found is None:
-
-            def run(table, params, x_T, rng, cond, null_cond, guidance_scale, eta):
-                kwargs = dict(null_cond=null_cond, guidance_scale=guidance_scale,
-                              clip_denoised=True, sharding=sharding)  # fmt: skip
-                if sampler == "ddim":
-                    kwargs["eta"] = eta
-                return diffusion.sample(sampler, self.model_fn, table, params, x_T, rng, cond,
-                                        **kwargs)  # fmt: skip
-
-            key = f"GlideStage.sample/{sampler}/{sharding!r}/{self.model!r}"
-            found = self._exported[(sampler, sharding)] = compile_cache.Exported(run, key)
-        return found
 
 
 @dataclass

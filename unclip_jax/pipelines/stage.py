@@ -37,6 +37,27 @@ def network_key(make_model_fn: Callable, model) -> str:
     return f"{make_model_fn.__module__}.{make_model_fn.__qualname__}({model!r})"
 
 
+def exported_sampler(cache: dict, model_fn: Callable, key: str, sampler: str, sharding,
+                     clip_denoised: bool) -> compile_cache.Exported:  # fmt: skip
+    """The whole sampling loop `sampler` over `model_fn` (named by `key`) as one
+    compile_cache.Exported function of (table, params, x_T, rng, cond, null_cond, guidance_scale,
+    clip_range, eta), kept in `cache` (a stage's dict) per (sampler, sharding)."""
+    found = cache.get((sampler, sharding))
+    if found is None:
+
+        def run(table, params, x_T, rng, cond, null_cond, guidance_scale, clip_range, eta):
+            kwargs = dict(null_cond=null_cond, guidance_scale=guidance_scale,
+                          clip_denoised=clip_denoised, clip_range=clip_range,
+                          sharding=sharding)  # fmt: skip
+            if sampler == "ddim":
+                kwargs["eta"] = eta
+            return diffusion.sample(sampler, model_fn, table, params, x_T, rng, cond, **kwargs)
+
+        name = f"sample/{sampler}/{clip_denoised}/{sharding!r}/{key}"
+        found = cache[(sampler, sharding)] = compile_cache.Exported(run, name)
+    return found
+
+
 @dataclass(eq=False)
 class DiffusionStage:
     """model_fn(params, x, t_model, cond) -> output, for samples of shape [B, *sample_shape].
@@ -91,7 +112,8 @@ class DiffusionStage:
                              f"{(batch,) + tuple(self.sample_shape)}")  # fmt: skip
         x_T, cond, kwargs = self._place(mesh, batch, x_T, cond, null_cond, guidance_scale)
         if self.export_key is not None and self.denoised_fn is None:
-            run = self._exported_sampler(sampler, kwargs.get("sharding"))
+            run = exported_sampler(self._exported, self.model_fn, self.export_key, sampler,
+                                   kwargs.get("sharding"), self.clip_denoised)  # fmt: skip
             return run(self.table(respacing), self.params, x_T, k_sample, cond,
                        kwargs["null_cond"], kwargs["guidance_scale"],
                        jnp.float32(self.clip_range), jnp.float32(eta))  # fmt: skip
@@ -101,25 +123,6 @@ class DiffusionStage:
             kwargs["eta"] = eta
         return diffusion.sample(sampler, self.model_fn, self.table(respacing), self.params, x_T,
                                 k_sample, cond, **kwargs)  # fmt: skip
-
-    def _exported_sampler(self, sampler: str, sharding):
-        """The whole sampling loop as one compile_cache.Exported function of its arrays."""
-        found = self._exported.get((sampler, sharding))
-        if found is None:
-
-            def run(table, params, x_T, rng, cond, null_cond, guidance_scale, clip_range, eta):
-                kwargs = dict(null_cond=null_cond, guidance_scale=guidance_scale,
-                              clip_denoised=self.clip_denoised, clip_range=clip_range,
-                              sharding=sharding)  # fmt: skip
-                if sampler == "ddim":
-                    kwargs["eta"] = eta
-                return diffusion.sample(sampler, self.model_fn, table, params, x_T, rng, cond,
-                                        **kwargs)  # fmt: skip
-
-            key = (f"DiffusionStage.sample/{sampler}/{self.clip_denoised}/{sharding!r}/"
-                   f"{self.export_key}")  # fmt: skip
-            found = self._exported[(sampler, sharding)] = compile_cache.Exported(run, key)
-        return found
 
     def invert(self, x_0, cond, *, respacing, null_cond=None, guidance_scale=None,
                fixed_point_iters: int = 0, mesh=None):  # fmt: skip
