@@ -123,8 +123,10 @@ def test_codec_at_the_papers_size_has_its_closed_form_error():
     basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
     offset = rng.normal(size=dim)
 
-    def sample(n):
-        return ((rng.normal(size=(n, dim)) * np.sqrt(eigenvalues)) @ basis.T + offset).astype(
+    basis, scale = basis.astype(np.float32), np.sqrt(eigenvalues).astype(np.float32)
+
+    def sample(n):  # float32 throughout: the embeddings the codec sees are float32 anyway
+        return (rng.standard_normal((n, dim), np.float32) * scale) @ basis.T + offset.astype(
             np.float32
         )
 
