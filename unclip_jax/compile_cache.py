@@ -192,7 +192,7 @@ class Exported:
     """
 
     def __init__(self, fn, key: str):
-        self.fn, self.key = fn, key
+        self.key = key
         self._jitted = jax.jit(fn)
         self._calls: dict[str, object] = {}
         self.traced_from_disk = 0

@@ -554,11 +554,6 @@ def split_eval_stage(demo: Demo, pipes: Pipelines) -> None:
             record[split] = result
 
 
-def _unit(x) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def prior_eval_stage(demo: Demo, pipes: Pipelines) -> None:
     """The unCLIP paper's case for a prior, on each split's own captions (`shapes.render_example`,
     index 0 upward): the mean cosine of each example's true CLIP image embedding with
@@ -571,6 +566,7 @@ def prior_eval_stage(demo: Demo, pipes: Pipelines) -> None:
     import jax
 
     from unclip_jax.data import shapes
+    from unclip_jax.eval.clip_metrics import unit_rows, zero_shot_predictions
 
     e, s = demo.config.prior_eval, demo.config.sample
     fingerprint = stage_fingerprint(demo, [_to_plain(e), s.prior_guidance])
@@ -583,7 +579,7 @@ def prior_eval_stage(demo: Demo, pipes: Pipelines) -> None:
         for split_index, split in enumerate(e.splits):
             examples = [shapes.render_example(split, i) for i in range(e.captions)]
             captions = [ex.caption for ex in examples]
-            image = _unit(_clip_image_embeds(clip, examples))
+            image = unit_rows(np.asarray(_clip_image_embeds(clip, examples), np.float64))
             text = clip.text(captions)
             mean = image.mean(0, keepdims=True)
             candidates = {"text": text["text_emb"], "split_mean_image": mean}
@@ -594,9 +590,9 @@ def prior_eval_stage(demo: Demo, pipes: Pipelines) -> None:
                 )
             result = {"n": len(examples)}
             for name, z in candidates.items():
-                z = np.broadcast_to(_unit(jax.device_get(z)), image.shape)
+                z = np.broadcast_to(unit_rows(np.asarray(z, np.float64)), image.shape)
                 result[name] = round(float(np.mean(np.sum(z * image, -1))), 4)
-                nearest = np.argmax(z @ image.T, axis=1)
+                nearest = zero_shot_predictions(z, image)  # the split's image nearest to z
                 own = np.array([captions[j] == captions[i] for i, j in enumerate(nearest)])
                 result[f"{name}_top1"] = round(float(own.mean()), 4)
             record[split] = result

@@ -131,7 +131,7 @@ def _default_eot(model: CLIP, input_ids: np.ndarray) -> np.ndarray:
 # CLIP score.
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows of x scaled to unit L2 norm (zero rows stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -145,7 +145,7 @@ def clip_score_from_embeddings(image_embeds, text_embeds, *, clamp: bool = True)
     b = np.asarray(text_embeds, np.float64)
     if a.ndim != 2 or a.shape != b.shape or len(a) == 0:
         raise ValueError(f"need two non-empty [N, E] arrays of one shape, got {a.shape}, {b.shape}")
-    scores = 100.0 * (_unit(a) * _unit(b)).sum(-1)
+    scores = 100.0 * (unit_rows(a) * unit_rows(b)).sum(-1)
     return np.maximum(scores, 0.0) if clamp else scores
 
 
@@ -157,7 +157,7 @@ def zero_shot_predictions(image_embeds, class_text_embeds) -> np.ndarray:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
         raise ValueError(f"need non-empty [N, E] images and [C, E] class prompts, got {a.shape}, "
                          f"{b.shape}")  # fmt: skip
-    return (_unit(a) @ _unit(b).T).argmax(-1)
+    return (unit_rows(a) @ unit_rows(b).T).argmax(-1)
 
 
 def linear_probe(train_embeds, train_labels, test_embeds, *, ridge: float = 1e-2) -> np.ndarray:
@@ -177,11 +177,11 @@ def linear_probe(train_embeds, train_labels, test_embeds, *, ridge: float = 1e-2
         raise ValueError("a linear probe needs at least two classes among the train labels")
     if not ridge > 0:
         raise ValueError(f"ridge must be positive, got {ridge}")
-    design = np.c_[_unit(a), np.ones(len(a))]
+    design = np.c_[unit_rows(a), np.ones(len(a))]
     targets = np.eye(int(y.max()) + 1)[y]
     weights = np.linalg.solve(design.T @ design + ridge * np.eye(design.shape[1]),
                               design.T @ targets)  # fmt: skip
-    return (np.c_[_unit(b), np.ones(len(b))] @ weights).argmax(-1)
+    return (np.c_[unit_rows(b), np.ones(len(b))] @ weights).argmax(-1)
 
 
 def clip_scores(
@@ -324,7 +324,7 @@ def pairwise_cosine_distance(embeddings) -> float:
     x = np.asarray(embeddings, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need embeddings [N, E] with N >= 2, got shape {x.shape}")
-    x = _unit(x)
+    x = unit_rows(x)
     cos = x @ x.T
     n = len(x)
     off_diagonal = (cos.sum() - np.trace(cos)) / (n * (n - 1))

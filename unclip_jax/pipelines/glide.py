@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from unclip_jax import compile_cache, diffusion
 from unclip_jax.imaging import area_downsample, nearest_downsample, quantize_8bit
 from unclip_jax.models.glide import GlideUNet
-from unclip_jax.pipelines.stage import exported_sampler, sampling_dtype
+from unclip_jax.pipelines.stage import exported_sampler, network_key, sampling_dtype
 from unclip_jax.tokenizers import glide_tokenize
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class GlideStage:
         compile_cache.enable()
         # One function object per stage: the jitted samplers treat it as a static argument.
         self.model_fn = functools.partial(_apply, self.model)
+        self._export_key = network_key(_apply, self.model)  # names model_fn for the exports
         self._exported: dict = {}
 
     def sample(self, cond, rng, *, respacing: str, sampler: str = "ddpm", null_cond=None,
@@ -85,7 +86,7 @@ class GlideStage:
                 kwargs["guidance_scale"] = put(jnp.broadcast_to(guidance_scale, (batch,)))
             kwargs["sharding"] = sharding
         if cond_fn is None and not inpaint:  # traced once per machine (compile_cache.Exported)
-            run = exported_sampler(self._exported, self.model_fn, repr(self.model), sampler,
+            run = exported_sampler(self._exported, self.model_fn, self._export_key, sampler,
                                    kwargs.get("sharding"), clip_denoised=True)  # fmt: skip
             return run(table, self.params, x_T, k_sample, cond, kwargs["null_cond"],
                        kwargs["guidance_scale"], jnp.float32(1.0), jnp.float32(eta))  # fmt: skip
